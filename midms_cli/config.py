@@ -338,12 +338,13 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    prefix = "" if path == "config" else f"{path}."  # top-level fields are named without a prefix
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}: unknown field; allowed fields: {', '.join(sorted(names))}")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; allowed fields: {', '.join(sorted(names))}")
     values = {}
     for name, value in data.items():
-        values[name] = _convert(hints[name], value, f"{path}.{name}" if path != "config" else name)
+        values[name] = _convert(hints[name], value, prefix + name)
     return cls(**values)
 
 

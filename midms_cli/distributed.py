@@ -1,0 +1,134 @@
+"""All distributed logic in one place; without torchrun everything degrades to one process.
+
+Under `torchrun` the environment carries RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; `init()` joins the process group (NCCL on CUDA, gloo on CPU). Without them, or with
+WORLD_SIZE=1, no process group is created and every helper here is a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from midms_cli.errors import MidmsError
+
+# Whether this module created the process group (so that `cleanup` only destroys its own).
+_owns_group = False
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise MidmsError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init(backend: str | None = None, timeout_minutes: float = 30.0) -> bool:
+    """Join the torchrun process group if the environment asks for one; returns True if distributed.
+
+    Idempotent. The backend defaults to NCCL when CUDA is available, else gloo.
+    """
+    global _owns_group
+    if dist.is_available() and dist.is_initialized():
+        return is_distributed()
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return False
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise MidmsError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with `torchrun --nproc_per_node=N`"
+        )
+    if not dist.is_available():
+        raise MidmsError("this torch build has no torch.distributed; run without torchrun")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        # Bind this process to its GPU before creating the group, as NCCL expects.
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=_env_int("RANK", 0),
+        world_size=world,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    _owns_group = True
+    return True
+
+
+def rank() -> int:
+    """Global rank (0 in one process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 in one process)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """Rank on this machine (torchrun's LOCAL_RANK; 0 in one process)."""
+    return _env_int("LOCAL_RANK", 0) if _env_int("WORLD_SIZE", 1) > 1 else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes files and prints results."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor holding the mean of `tensor` over all ranks (floating point; identity in one process).
+
+    Integer tensors are averaged in float32. The input is left unchanged.
+    """
+    result = tensor.detach().clone()
+    if not result.is_floating_point():
+        result = result.float()
+    if not is_distributed():
+        return result
+    device = result.device
+    if dist.get_backend() == "nccl":
+        result = result.to(device_for_rank())
+    dist.all_reduce(result, op=dist.ReduceOp.SUM)
+    result /= dist.get_world_size()
+    return result.to(device)
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """`print` on the main process only."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def device_for_rank() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def cleanup() -> None:
+    """Leave the process group this module created (no-op otherwise)."""
+    global _owns_group
+    if _owns_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _owns_group = False
