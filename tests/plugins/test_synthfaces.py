@@ -1,0 +1,115 @@
+"""synthfaces: determinism, geometry/appearance independence, exemplars and oracles."""
+
+import numpy as np
+import pytest
+import torch
+from midms_plugins.synthfaces import PLUGIN, split_seed
+from midms_plugins.synthfaces.generator import (
+    appearance_of,
+    exemplar_geometry,
+    geometry_of,
+    make_pair,
+    oracle,
+    render,
+    render_condition,
+    render_labels,
+    sample_appearance,
+    sample_geometry,
+)
+
+from midms_cli.conditions.celebahq import CELEBAHQ_PARTS
+from midms_cli.data.plugin import DatasetPlugin, Sample
+
+SIZE = 32
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs():
+    first = make_pair(3, 7, SIZE, "official", "easy")
+    second = make_pair(3, 7, SIZE, "official", "easy")
+    for key in ("image", "cond", "ref", "ref_cond", "oracle"):
+        assert first[key].numpy().tobytes() == second[key].numpy().tobytes()
+    assert first["meta"] == second["meta"]
+    assert not torch.equal(first["image"], make_pair(3, 8, SIZE, "official", "easy")["image"])
+    assert not torch.equal(first["image"], make_pair(4, 7, SIZE, "official", "easy")["image"])
+
+
+def test_render_shapes_ranges_and_parts():
+    image, masks = render(geometry_of(0, 0), appearance_of(0, 0), 64)
+    assert image.shape == (3, 64, 64) and masks.shape == (13, 64, 64) and masks.dtype == torch.bool
+    assert image.min() >= -1 and image.max() <= 1
+    assert torch.equal(torch.round((image + 1) * 127.5) / 127.5 - 1, image)  # on the 8-bit grid
+    present = {CELEBAHQ_PARTS[k] for k in range(13) if masks[k].any()}
+    assert {"skin", "l_eye", "r_eye", "l_brow", "r_brow", "nose", "u_lip", "l_lip"} <= present
+    labels = render_labels(geometry_of(0, 0), 64)
+    assert (labels == 0).any() and (labels == 14).any()  # background and neck
+
+
+@pytest.mark.parametrize("variant, channels", [("official", 15), ("canny", 1)])
+def test_condition_depends_only_on_geometry(variant, channels):
+    geometry = sample_geometry(np.random.default_rng(1))
+    appearance_a = sample_appearance(np.random.default_rng(2))
+    appearance_b = sample_appearance(np.random.default_rng(3))
+    image_a, masks_a = render(geometry, appearance_a, SIZE)
+    image_b, masks_b = render(geometry, appearance_b, SIZE)
+    assert not torch.equal(image_a, image_b)
+    assert torch.equal(masks_a, masks_b)
+    cond = render_condition(geometry, SIZE, variant)
+    assert cond.shape == (channels, SIZE, SIZE) and cond.min() >= 0 and cond.max() <= 1
+    assert torch.equal(torch.round(cond * 255) / 255, cond)  # multiples of 1/255
+    # The pair's condition is this geometry-only rendering, whatever the appearance of the sample.
+    pair = make_pair(5, 0, SIZE, variant, "hard")
+    assert torch.equal(pair["cond"], render_condition(geometry_of(5, 0), SIZE, variant))
+    assert torch.equal(pair["ref_cond"], render_condition(exemplar_geometry(5, 0, "hard"), SIZE, variant))
+
+
+@pytest.mark.parametrize("pairing", ["easy", "hard"])
+def test_exemplar_shares_appearance_under_another_geometry(pairing):
+    pair = make_pair(2, 0, SIZE, "official", pairing)
+    geometry, appearance = geometry_of(2, 0), appearance_of(2, 0)
+    ref_geometry = exemplar_geometry(2, 0, pairing)
+    assert ref_geometry != geometry
+    assert torch.equal(pair["ref"], render(ref_geometry, appearance, SIZE)[0])
+    assert not torch.equal(pair["ref"], pair["image"])
+    assert torch.equal(pair["oracle"], oracle(geometry, appearance, SIZE))
+    assert torch.equal(pair["oracle"], pair["image"])  # the exemplar's appearance is the sample's
+
+
+def test_hard_exemplar_differs_more_than_easy():
+    def spread(pairing):
+        total = 0.0
+        for index in range(8):
+            a, b = geometry_of(index, 0), exemplar_geometry(index, 0, pairing)
+            keys = ("center_x", "center_y", "angle", "yaw", "face_w", "eye_y")
+            total += sum(abs(a[k] - b[k]) for k in keys)
+        return total
+
+    assert spread("hard") > 2 * spread("easy") > 0
+
+
+def test_self_pair_oracle_equals_image_and_ref():
+    pair = make_pair(4, 1, SIZE, "canny", "self")
+    assert torch.equal(pair["oracle"], pair["image"])
+    assert torch.equal(pair["ref"], pair["image"]) and torch.equal(pair["ref_cond"], pair["cond"])
+
+
+def test_oracle_renders_condition_geometry_in_exemplar_appearance():
+    cond_geometry, ref_appearance = geometry_of(0, 0), appearance_of(1, 0)
+    expected = render(cond_geometry, ref_appearance, SIZE)[0]
+    assert torch.equal(oracle(cond_geometry, ref_appearance, SIZE), expected)
+    assert not torch.equal(expected, render(cond_geometry, appearance_of(0, 0), SIZE)[0])
+
+
+def test_plugin_protocol_samples_and_splits():
+    assert isinstance(PLUGIN, DatasetPlugin) and not PLUGIN.needs_source
+    options = {**PLUGIN.default_options(), "train_count": 5, "val_count": 3}
+    assert PLUGIN.condition_spec(options).channels == 15
+    assert PLUGIN.condition_spec({**options, "variant": "canny"}).channels == 1
+    assert PLUGIN.count(None, "val", options) == 3
+    samples = list(PLUGIN.samples(None, "train", options, seed=0, size=SIZE, start=1, stop=3))
+    assert [s.key for s in samples] == ["train0000001", "train0000002"]
+    assert all(isinstance(s, Sample) and s.meta["pairing"] in ("easy", "hard", "self") for s in samples)
+    again = next(iter(PLUGIN.samples(None, "train", options, seed=0, size=SIZE, start=2, stop=3)))
+    assert torch.equal(again.image, samples[1].image)  # sample i does not depend on the range asked for
+    val = next(iter(PLUGIN.samples(None, "val", options, seed=0, size=SIZE, start=1, stop=2)))
+    assert not torch.equal(val.image, samples[0].image) and split_seed(0, "val") != split_seed(0, "train")
+    assert {PLUGIN.pairing_of("val", options, 0, i) for i in range(50)} <= {"easy", "hard"}
