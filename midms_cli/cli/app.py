@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 
 import typer
 
+from midms_cli.cli import import_ldm as import_ldm_commands
+from midms_cli.cli import import_midms as import_midms_commands
+from midms_cli.cli import demo as demo_commands
+from midms_cli.cli import eval as eval_commands
 from midms_cli.cli import info as info_commands
+from midms_cli.cli import train as train_commands
+from midms_cli.cli import translate as translate_commands
+from midms_cli.cli import prepare as prepare_commands
+from midms_cli.cli import weights as weights_commands
 from midms_cli.cli.state import STATE, err_console
 from midms_cli.errors import MidmsError
 
@@ -35,11 +44,45 @@ def _global_options(
 
 
 info_commands.register(app)
+demo_commands.register(app)
+train_commands.register(app)
+translate_commands.register(app)
+eval_commands.register(app)
+prepare_commands.register(app)
+weights_commands.register(app)
+import_ldm_commands.register(weights_commands.weights_app)
+import_midms_commands.register(weights_commands.weights_app)
+
+
+# Global options are accepted anywhere before "--" (`midms info --json` as well as `midms --json info`):
+# click parses them only before the command name, so `main` moves them to the front.
+_GLOBAL_FLAGS = re.compile(r"--json|--debug|--verbose|-v+|--device=.*")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with the global options (and --device's value) moved before the command name."""
+    front: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest.extend(args[index:])
+            break
+        if _GLOBAL_FLAGS.fullmatch(arg):
+            front.append(arg)
+        elif arg == "--device" and index + 1 < len(args):
+            front.extend(args[index : index + 2])
+            index += 1
+        else:
+            rest.append(arg)
+        index += 1
+    return front + rest
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
-    args = sys.argv[1:] if argv is None else argv
+    args = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
     debug = "--debug" in args
     try:
         # Standalone mode: usage errors print click's message and exit 2, --help exits 0.

@@ -10,16 +10,16 @@ from rich.table import Table
 
 import midms_cli
 from midms_cli.cli.state import STATE, emit
+from midms_cli.data.plugin import default_options
 from midms_cli.data.registry import discover
 from midms_cli.devices import resolve_device
-from midms_cli.paths import midms_home, weights_dir
+from midms_cli.paths import midms_home
+from midms_cli.weights import weight_status
 
 
 def _weights_found() -> list[str]:
-    directory = weights_dir()
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.glob("*.safetensors"))
+    """Registry artefacts that have been added (see `midms weights list` for the missing ones)."""
+    return [row["name"] for row in weight_status() if row["present"]]
 
 
 def info() -> None:
@@ -60,10 +60,14 @@ def datasets() -> None:
     found = discover()
     rows = []
     for name, plugin in found.plugins.items():
-        condition = getattr(plugin, "condition", None)
+        try:  # the condition of the plugin's default options (variants may change it)
+            condition = plugin.condition_spec(default_options(plugin))
+        except Exception:  # a plugin bug must not hide the others
+            condition = None
         rows.append({
             "name": name,
             "description": str(getattr(plugin, "description", "")),
+            "version": str(getattr(plugin, "version", "")),
             "condition": getattr(condition, "kind", None),
             "channels": getattr(condition, "channels", None),
         })

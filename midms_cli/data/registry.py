@@ -20,8 +20,15 @@ class Discovery:
     broken: dict[str, str] = field(default_factory=dict)  # name -> one-line reason
 
 
-def _looks_like_plugin(obj: Any) -> bool:
-    return all(hasattr(obj, attr) for attr in ("name", "description"))
+# The members `midms prepare` uses (midms_cli.data.plugin.DatasetPlugin).
+PLUGIN_ATTRIBUTES = ("name", "description", "version", "needs_source", "options")
+PLUGIN_METHODS = ("condition_spec", "count", "samples")
+
+
+def _missing_members(obj: Any) -> list[str]:
+    missing = [attr for attr in PLUGIN_ATTRIBUTES if not hasattr(obj, attr)]
+    missing += [attr for attr in PLUGIN_METHODS if not callable(getattr(obj, attr, None))]
+    return missing
 
 
 def discover() -> Discovery:
@@ -33,10 +40,14 @@ def discover() -> Discovery:
             if isinstance(obj, type):
                 obj = obj()
         except Exception as exc:  # any failure inside a third-party plugin is reported, not raised
-            found.broken[ep.name] = f"failed to load {ep.value}: {type(exc).__name__}: {exc}"
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            found.broken[ep.name] = f"failed to load {ep.value}: {type(exc).__name__}: {reason}"
             continue
-        if not _looks_like_plugin(obj):
-            found.broken[ep.name] = f"{ep.value} is a {type(obj).__name__}, not a dataset plugin"
+        missing = _missing_members(obj)
+        if missing:
+            found.broken[ep.name] = (
+                f"{ep.value} is a {type(obj).__name__}, not a dataset plugin (lacks {', '.join(missing)})"
+            )
             continue
         found.plugins[ep.name] = obj
     return found
@@ -51,3 +62,8 @@ def get_plugin(name: str) -> Any:
         raise MidmsError(f"dataset plugin {name!r} is installed but broken: {found.broken[name]}")
     names = ", ".join(found.plugins) or "none"
     raise MidmsError(f"unknown dataset {name!r}; installed plugins: {names} (see `midms datasets`)")
+
+
+def plugin_names() -> list[str]:
+    """Names of the working plugins, for CLI choices and help."""
+    return sorted(discover().plugins)

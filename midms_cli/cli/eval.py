@@ -1,0 +1,184 @@
+"""`midms eval`: evaluate a model on a prepared split, or compare two image folders (architecture 7).
+
+The metric choices and their help come from the registry `midms_cli.metrics.METRICS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from midms_cli.cli.state import STATE, emit, err_console
+from midms_cli.devices import resolve_device
+from midms_cli.errors import MidmsError
+from midms_cli.metrics import METRICS
+
+_METRIC_HELP = (
+    "Metrics to compute (comma-separated or repeated; default: every one whose weights exist): "
+    + ("; ".join(f"{name}: {spec.summary}" for name, spec in METRICS.items()))
+)
+
+
+def parse_metric_names(values: list[str] | None) -> list[str] | None:
+    """`--metrics fid,swd --metrics lpips` -> ["fid", "swd", "lpips"]; unknown names are a user error."""
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise MidmsError(f"unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS)}")
+    return names
+
+
+def _table(results: dict[str, Any]) -> Table:
+    table = Table("metric", "value")
+    for key, value in results.items():
+        if isinstance(value, dict):
+            for inner, number in value.items():
+                if isinstance(number, dict):
+                    for name, leaf in number.items():
+                        table.add_row(f"{key}.{inner}.{name}", _format(leaf))
+                else:
+                    table.add_row(f"{key}.{inner}", _format(number))
+        else:
+            table.add_row(key, _format(value))
+    return table
+
+
+def _report_line(line: str) -> None:
+    """One unwrapped line on stderr (a skipped metric, a warning)."""
+    err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def eval_command(
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model file or training run folder (default: the bundled model).",
+        rich_help_panel="Model evaluation",
+    ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Prepared shards (midms prepare ... --out DIR).",
+        rich_help_panel="Model evaluation",
+    ),
+    split: str = typer.Option(
+        "val", "--split", help="Split to evaluate.", rich_help_panel="Model evaluation"
+    ),
+    pairs: Path | None = typer.Option(
+        None,
+        "--pairs",
+        help="Pair list: `CONDITION_KEY EXEMPLAR_KEY` per line "
+        "(default: each sample's own pair plus diversity pairs).",
+        rich_help_panel="Model evaluation",
+    ),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        min=1,
+        help="Evaluate only the first N conditions.",
+        rich_help_panel="Model evaluation",
+    ),
+    diversity: int = typer.Option(
+        2,
+        "--diversity",
+        min=0,
+        help="Extra exemplars per condition for LPIPS diversity (0: none).",
+        rich_help_panel="Model evaluation",
+    ),
+    baselines: bool = typer.Option(
+        False,
+        "--baselines",
+        help="Also score the exemplar copied unchanged and the initial warp decoded without diffusion.",
+        rich_help_panel="Model evaluation",
+    ),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Pairs translated at once.", rich_help_panel="Model evaluation"
+    ),
+    real: Path | None = typer.Option(
+        None, "--real", help="Folder of real images (folder mode).", rich_help_panel="Folder mode"
+    ),
+    fake: Path | None = typer.Option(
+        None, "--fake", help="Folder of generated images (folder mode).", rich_help_panel="Folder mode"
+    ),
+    size: int | None = typer.Option(
+        None,
+        "--size",
+        min=16,
+        help="Folder mode: resize images to this size (default: the first generated image's).",
+        rich_help_panel="Folder mode",
+    ),
+    metrics: list[str] | None = typer.Option(None, "--metrics", help=_METRIC_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (model mode default: eval)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of generation and of the metrics' random draws."),
+) -> None:
+    """Evaluate a model on a fixed pair list, or compare two image folders.
+
+    Example: midms eval --model runs/tiny --data shards/synth --split val --limit 64 --out eval/
+
+    Example: midms eval --real photos/ --fake outputs/ --metrics fid,swd
+    """
+    chosen = parse_metric_names(metrics)
+    device = resolve_device(STATE.device)
+    if real is not None or fake is not None:
+        if real is None or fake is None:
+            raise MidmsError("folder mode needs both --real DIR and --fake DIR")
+        if model is not None or data is not None:
+            raise MidmsError("use either --model/--data or --real/--fake, not both")
+        from midms_cli.pipelines.evaluate import evaluate_folders
+
+        outcome = evaluate_folders(
+            real, fake, metrics=chosen, out_dir=out, seed=seed, size=size, device=device, report=_report_line
+        )
+        emit({"results": outcome["results"], "protocol": outcome["protocol"]}, _table(outcome["results"]))
+        return
+    if data is None:
+        raise MidmsError("give --data DIR (prepared shards) to evaluate a model, or --real DIR --fake DIR")
+    from midms_cli.pipelines.evaluate import evaluate_model
+
+    with Progress(
+        TextColumn("translating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=STATE.json,
+    ) as progress:
+        task = progress.add_task("eval", total=None)
+        outcome = evaluate_model(
+            model,
+            data,
+            split,
+            out or Path("eval"),
+            chosen,
+            limit,
+            seed,
+            baselines,
+            pairs_path=pairs,
+            diversity=diversity,
+            batch_size=batch_size,
+            device=device,
+            report=_report_line,
+            progress=lambda n: progress.advance(task, n),
+            on_start=lambda total: progress.update(task, total=total),
+        )
+    emit(outcome, _table(outcome["results"]))
+    if not STATE.json:
+        err_console.print(
+            f"wrote {outcome['out_dir']}/results.json, protocol.json and report.html", highlight=False
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

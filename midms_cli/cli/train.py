@@ -1,0 +1,494 @@
+"""`midms pretrain autoencoder|diffusion`, `midms warmup` and `midms train`.
+
+Every command trains into a run directory (config.json, checkpoints, metrics.jsonl, sample grids,
+final model.safetensors); running it again on the same directory resumes exactly. Works under
+`torchrun --nproc_per_node=N -m midms_cli ...` as well as in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from midms_cli import distributed
+from midms_cli.cli.state import STATE, emit
+from midms_cli.config import PRESETS, ModelConfig, preset, validate
+from midms_cli.errors import MidmsError
+from midms_cli.pipelines.loop import LoopResult
+
+pretrain_app = typer.Typer(
+    name="pretrain",
+    help="Pretrain the first stage or the latent diffusion model (when no LDM weights exist).",
+    no_args_is_help=True,
+)
+
+_PRESET_HELP = f"Model preset: {', '.join(PRESETS)}."
+_RUN = "Run"
+_OPT = "Optimisation"
+_LOG = "Logging and checkpoints"
+
+
+def _command_line() -> str:
+    return " ".join(["midms", *sys.argv[1:]])
+
+
+def _print_config(config: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Leave the torchrun process group on the way out (success or error), so ranks exit cleanly."""
+    try:
+        yield
+    finally:
+        distributed.cleanup()
+
+
+def _emit_result(result: LoopResult, out: Path, what: str) -> None:
+    if not distributed.is_main():
+        return
+    record = {
+        "run": str(out),
+        "step": result.step,
+        "interrupted": result.interrupted,
+        "nonfinite_skipped": result.nonfinite_skipped,
+        "losses": result.last_losses,
+        "model": str(result.final_model) if result.final_model else None,
+    }
+    if result.interrupted:
+        human = (f"{what} interrupted at step {result.step}; checkpoint saved in {out} "
+                 "(run the command again to resume)")
+    else:
+        human = f"{what} finished at step {result.step}: {result.final_model}"
+    emit(record, human)
+
+
+def _override(config: ModelConfig, **values: Any) -> ModelConfig:
+    """Apply CLI overrides (None = keep the preset's value) to config.training, then validate."""
+    training = config.training
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "feature_net":
+            training.losses.feature_net = value
+        else:
+            setattr(training, name, value)
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# midms pretrain
+
+
+def _pretrain(
+    kind: str,
+    data: Path,
+    out: Path,
+    preset_name: str,
+    iters: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    extra: dict[str, Any],
+    dry_run: bool,
+    workers: int,
+    trace: bool,
+) -> None:
+    from midms_cli.pipelines import pretrain as pipeline
+
+    model = preset(preset_name)
+    config = pipeline.PretrainConfig(model=kind)
+    autoencoder = extra.pop("autoencoder_path", None)
+    values = {"max_iters": iters, "batch_size": batch_size, "lr": lr, **extra}
+    for name, value in values.items():
+        if value is not None:
+            setattr(config, name, value)
+    config.validate()
+    if dry_run:
+        _print_config(pipeline.run_config(model, config, data, {"command": _command_line()}))
+        return
+    with _process_group():
+        result = pipeline.pretrain(
+            kind,
+            data,
+            out,
+            model,
+            config,
+            autoencoder=autoencoder,
+            device_name=STATE.device,
+            num_workers=workers,
+            extra={"command": _command_line()},
+            trace=trace,
+            progress=not STATE.json,
+        )
+        _emit_result(result, out, f"pretrain {kind}")  # inside: only rank 0 prints
+
+
+@pretrain_app.command("autoencoder")
+def pretrain_autoencoder(
+    data: Path = typer.Option(
+        ..., "--data", help="Prepared shards (midms prepare ... --out DIR).", rich_help_panel=_RUN
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
+    ),
+    preset_name: str = typer.Option("tiny", "--preset", help=_PRESET_HELP, rich_help_panel=_RUN),
+    iters: int | None = typer.Option(
+        None, "--iters", min=1, help="Optimizer steps (default 2000).", rich_help_panel=_OPT
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Batch per process (default 8).", rich_help_panel=_OPT
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="AdamW learning rate (default 2e-4).", rich_help_panel=_OPT
+    ),
+    reconstruction: str | None = typer.Option(
+        None, "--reconstruction", help="l1 or mse (default l1).", rich_help_panel=_OPT
+    ),
+    perceptual: float | None = typer.Option(
+        None,
+        "--perceptual",
+        help="Weight of a VGG19 r42 L1 term (default 0; > 0 needs `midms weights add vgg19 ...`).",
+        rich_help_panel=_OPT,
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        min=1,
+        rich_help_panel=_LOG,
+        help="Steps between checkpoints (default 500).",
+    ),
+    sample_every: int | None = typer.Option(
+        None,
+        "--sample-every",
+        min=0,
+        rich_help_panel=_LOG,
+        help="Steps between sample grids (default 250; 0: only at the end).",
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default 2021).", rich_help_panel=_RUN),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
+    trace: bool = typer.Option(False, "--trace", hidden=True),
+) -> None:
+    """Pretrain the autoencoder (first stage): reconstruction + codebook/commitment (or KL) losses.
+
+    Example: midms pretrain autoencoder --data shards/synth --out runs/ae --preset tiny --iters 2000
+    """
+    extra = {
+        "reconstruction": reconstruction,
+        "perceptual_weight": perceptual,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "sample_every": sample_every,
+    }
+    _pretrain("autoencoder", data, out, preset_name, iters, batch_size, lr, extra, dry_run, workers, trace)
+
+
+@pretrain_app.command("diffusion")
+def pretrain_diffusion(
+    data: Path = typer.Option(..., "--data", help="Prepared shards.", rich_help_panel=_RUN),
+    autoencoder: Path = typer.Option(
+        ..., "--autoencoder", help="Autoencoder run directory or ldm file.", rich_help_panel=_RUN
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
+    ),
+    preset_name: str = typer.Option(
+        "tiny", "--preset", help=_PRESET_HELP + " (its UNet is trained).", rich_help_panel=_RUN
+    ),
+    iters: int | None = typer.Option(
+        None, "--iters", min=1, help="Optimizer steps (default 2000).", rich_help_panel=_OPT
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Batch per process (default 8).", rich_help_panel=_OPT
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="AdamW learning rate (default 2e-4).", rich_help_panel=_OPT
+    ),
+    ema_decay: float | None = typer.Option(
+        None,
+        "--ema-decay",
+        help="EMA of the UNet, exported as the final weights (default 0: off).",
+        rich_help_panel=_OPT,
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        min=1,
+        rich_help_panel=_LOG,
+        help="Steps between checkpoints (default 500).",
+    ),
+    sample_every: int | None = typer.Option(
+        None,
+        "--sample-every",
+        min=0,
+        rich_help_panel=_LOG,
+        help="Steps between sample grids (default 250; 0: only at the end).",
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (default 2021).", rich_help_panel=_RUN),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
+    trace: bool = typer.Option(False, "--trace", hidden=True),
+) -> None:
+    """Pretrain an unconditional latent diffusion UNet (ε-prediction MSE) on a frozen autoencoder.
+
+    Example: midms pretrain diffusion --data shards/synth --autoencoder runs/ae --out runs/ldm --iters 4000
+    """
+    extra = {
+        "ema_decay": ema_decay,
+        "seed": seed,
+        "checkpoint_every": checkpoint_every,
+        "sample_every": sample_every,
+    }
+    extra["autoencoder_path"] = autoencoder
+    _pretrain("diffusion", data, out, preset_name, iters, batch_size, lr, extra, dry_run, workers, trace)
+
+
+# --------------------------------------------------------------------------------------------
+# midms warmup / midms train
+
+
+def _training_config(preset_name: str, config_file: Path | None, overrides: dict[str, Any]) -> ModelConfig:
+    if config_file is not None:
+        if not config_file.is_file():
+            raise MidmsError(f"config file not found: {config_file}")
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        data.pop("run", None)  # a run directory's config.json is accepted as it is
+        model = ModelConfig.from_dict(data)
+    else:
+        model = preset(preset_name)
+    return _override(model, **overrides)
+
+
+def _dry_run(model: ModelConfig, phase: str, data: Path, extra: dict[str, Any]) -> None:
+    from midms_cli.pipelines import train as pipeline
+
+    _print_config(pipeline.run_config(model, phase, data, {"command": _command_line(), **extra}))
+
+
+def warmup_command(
+    data: Path = typer.Option(..., "--data", help="Prepared shards.", rich_help_panel=_RUN),
+    base: Path = typer.Option(
+        ...,
+        "--base",
+        help="LDM file (midms weights import-ldm) or pretrain diffusion run.",
+        rich_help_panel=_RUN,
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
+    ),
+    preset_name: str = typer.Option("tiny", "--preset", help=_PRESET_HELP, rich_help_panel=_RUN),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="A full config JSON instead of --preset.", rich_help_panel=_RUN
+    ),
+    iters: int | None = typer.Option(
+        None, "--iters", min=1, help="Warm-up steps (preset: training.warmup_iters).", rich_help_panel=_OPT
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Batch per process.", rich_help_panel=_OPT
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Learning rate of the correspondence networks.", rich_help_panel=_OPT
+    ),
+    feature_net: str | None = typer.Option(
+        None,
+        "--feature-net",
+        help="Loss features: vgg19 (needs weights) or first-stage.",
+        rich_help_panel=_OPT,
+    ),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel=_OPT
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", min=1, rich_help_panel=_LOG, help="Steps between checkpoints."
+    ),
+    sample_every: int | None = typer.Option(
+        None,
+        "--sample-every",
+        min=0,
+        rich_help_panel=_LOG,
+        help="Steps between sample grids (0: only at the end).",
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed.", rich_help_panel=_RUN),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
+    trace: bool = typer.Option(False, "--trace", hidden=True),
+) -> None:
+    """Warm up the correspondence networks with the diffusion UNet frozen (spec 2.1).
+
+    Example: midms warmup --data shards/synth --base runs/ldm --out runs/warm --iters 200
+    """
+    overrides = {
+        "warmup_iters": iters,
+        "batch_size": batch_size,
+        "lr_correspondence": lr,
+        "feature_net": feature_net,
+        "grad_clip": grad_clip,
+        "checkpoint_every": checkpoint_every,
+        "sample_every": sample_every,
+        "seed": seed,
+    }
+    model = _training_config(preset_name, config_file, overrides)
+    if dry_run:
+        _dry_run(model, "warmup", data, {"base": str(base)})
+        return
+    from midms_cli.pipelines import train as pipeline
+
+    with _process_group():
+        result = pipeline.warmup(
+            data,
+            out,
+            model,
+            base,
+            device_name=STATE.device,
+            num_workers=workers,
+            extra={"command": _command_line()},
+            trace=trace,
+            progress=not STATE.json,
+        )
+        _emit_result(result, out, "warm-up")  # inside: only rank 0 prints
+
+
+def train_command(
+    data: Path = typer.Option(..., "--data", help="Prepared shards.", rich_help_panel=_RUN),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
+    ),
+    init: Path | None = typer.Option(
+        None, "--init", help="Warm-up run (or midms file) to start from.", rich_help_panel=_RUN
+    ),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="Without --init: LDM file or pretrain run; the warm-up runs first into OUT/warmup.",
+        rich_help_panel=_RUN,
+    ),
+    preset_name: str = typer.Option("tiny", "--preset", help=_PRESET_HELP, rich_help_panel=_RUN),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="A full config JSON instead of --preset.", rich_help_panel=_RUN
+    ),
+    iters: int | None = typer.Option(
+        None,
+        "--iters",
+        min=1,
+        help="Total steps incl. warm-up (training.max_iters; 0 in the preset: epochs).",
+        rich_help_panel=_OPT,
+    ),
+    warmup_iters: int | None = typer.Option(
+        None, "--warmup-iters", min=0, help="Warm-up steps.", rich_help_panel=_OPT
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Batch per process.", rich_help_panel=_OPT
+    ),
+    lr_correspondence: float | None = typer.Option(
+        None,
+        "--lr-correspondence",
+        rich_help_panel=_OPT,
+        help="Learning rate of the correspondence networks.",
+    ),
+    lr_unet: float | None = typer.Option(
+        None, "--lr-unet", help="Learning rate of the UNet (paper 1.5e-7).", rich_help_panel=_OPT
+    ),
+    grad_accumulation: int | None = typer.Option(
+        None, "--grad-accumulation", min=1, rich_help_panel=_OPT, help="Micro-batches per optimizer step."
+    ),
+    grad_clip: float | None = typer.Option(
+        None, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel=_OPT
+    ),
+    ema_decay: float | None = typer.Option(
+        None, "--ema-decay", help="EMA of the trained weights (0: off).", rich_help_panel=_OPT
+    ),
+    amp: bool | None = typer.Option(
+        None, "--amp/--no-amp", help="Mixed precision (CUDA only).", rich_help_panel=_OPT
+    ),
+    activation_checkpointing: bool | None = typer.Option(
+        None,
+        "--activation-checkpointing/--no-activation-checkpointing",
+        rich_help_panel=_OPT,
+        help="Recompute UNet activations in the backward pass (less memory, more time).",
+    ),
+    feature_net: str | None = typer.Option(
+        None,
+        "--feature-net",
+        help="Loss features: vgg19 (needs weights) or first-stage.",
+        rich_help_panel=_OPT,
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", min=1, rich_help_panel=_LOG, help="Steps between checkpoints."
+    ),
+    sample_every: int | None = typer.Option(
+        None,
+        "--sample-every",
+        min=0,
+        rich_help_panel=_LOG,
+        help="Steps between sample grids (0: only at the end).",
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed.", rich_help_panel=_RUN),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
+    trace: bool = typer.Option(False, "--trace", hidden=True),
+) -> None:
+    """Train MIDMs end to end: the interleaved loop unrolled with gradients (spec 2.2).
+
+    Example: midms train --data shards/synth --init runs/warm --out runs/midms --iters 400
+    """
+    overrides = {
+        "max_iters": iters,
+        "warmup_iters": warmup_iters,
+        "batch_size": batch_size,
+        "lr_correspondence": lr_correspondence,
+        "lr_unet": lr_unet,
+        "grad_accumulation": grad_accumulation,
+        "grad_clip": grad_clip,
+        "ema_decay": ema_decay,
+        "amp": amp,
+        "activation_checkpointing": activation_checkpointing,
+        "feature_net": feature_net,
+        "checkpoint_every": checkpoint_every,
+        "sample_every": sample_every,
+        "seed": seed,
+    }
+    model = _training_config(preset_name, config_file, overrides)
+    if dry_run:
+        _dry_run(
+            model, "e2e", data, {"init": str(init) if init else None, "base": str(base) if base else None}
+        )
+        return
+    from midms_cli.pipelines import train as pipeline
+
+    with _process_group():
+        result = pipeline.train(
+            data,
+            out,
+            model,
+            init=init,
+            base=base,
+            device_name=STATE.device,
+            num_workers=workers,
+            extra={"command": _command_line()},
+            trace=trace,
+            progress=not STATE.json,
+        )
+        _emit_result(result, out, "training")  # inside: only rank 0 prints
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(pretrain_app, name="pretrain")
+    app.command("warmup")(warmup_command)
+    app.command("train")(train_command)

@@ -1,0 +1,176 @@
+"""`midms translate`: one condition + one exemplar -> one image, or a batch over a pairs list / folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from midms_cli.cli.state import STATE, emit, err_console
+from midms_cli.config import SAMPLING_BUNDLES
+from midms_cli.devices import resolve_device
+from midms_cli.errors import MidmsError
+from midms_cli.pipelines.translate import (
+    Pair,
+    TranslateOptions,
+    load_midm,
+    load_pretrained_unet,
+    pairs_from_folders,
+    read_pairs_file,
+    resolve_model_file,
+    sampling_settings,
+    translate_pairs,
+)
+from midms_cli.sampler import REFINERS
+
+_SAMPLER = "Sampler"
+_BATCH = "Batch mode"
+
+
+def _plan(
+    condition: Path | None,
+    exemplar: Path | None,
+    out: Path | None,
+    out_dir: Path | None,
+    pairs: Path | None,
+    ref_cond: Path | None,
+) -> list[Pair]:
+    """The jobs of this invocation: a pairs file, two folders, or one pair."""
+    if pairs is not None:
+        if condition is not None or exemplar is not None:
+            raise MidmsError("give either --pairs FILE or COND and REF, not both")
+        if out_dir is None:
+            raise MidmsError("--pairs needs --out-dir DIR for the outputs")
+        return read_pairs_file(pairs, out_dir)
+    if condition is None or exemplar is None:
+        raise MidmsError(
+            "give a condition and an exemplar: midms translate COND REF -o OUT.png (or --pairs FILE)"
+        )
+    if condition.is_dir() or exemplar.is_dir():
+        if not (condition.is_dir() and exemplar.is_dir()):
+            raise MidmsError("batch mode needs both COND and REF to be folders")
+        if out_dir is None:
+            raise MidmsError("folders of conditions and exemplars need --out-dir DIR for the outputs")
+        if ref_cond is not None:
+            raise MidmsError("--ref-cond names one file; in batch mode use a pairs file with a third column")
+        return pairs_from_folders(condition, exemplar, out_dir)
+    if out_dir is not None and out is not None:
+        raise MidmsError("give either -o OUT or --out-dir DIR, not both")
+    if out is None:
+        out = (out_dir or Path.cwd()) / f"{condition.stem}_{exemplar.stem}.png"
+    if out.suffix.lower() != ".png":
+        raise MidmsError(f"-o {out}: outputs are PNG; name the file *.png")
+    return [Pair(condition, exemplar, out, ref_cond)]
+
+
+def translate_command(
+    condition: Path | None = typer.Argument(
+        None,
+        help="Condition file (.png/.npy/.safetensors of the model's condition kind), a photo with "
+        "--extract, or a folder of them.",
+    ),
+    exemplar: Path | None = typer.Argument(None, help="Exemplar photo (or a folder, paired by file name)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output PNG (default: COND_REF.png here)."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model file or training run folder (default: the bundled tiny model)."
+    ),
+    extract: bool = typer.Option(
+        False, "--extract", help="COND is a photo: compute the model's condition from it (kinds like canny)."
+    ),
+    ref_cond: Path | None = typer.Option(
+        None, "--ref-cond", help="The exemplar's own condition file (default: computed from the photo)."
+    ),
+    size: int | None = typer.Option(None, "--size", help="Working image size (default: the model's)."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Interleaved DDIM steps (official 4).", rich_help_panel=_SAMPLER
+    ),
+    noise_level: float | None = typer.Option(
+        None,
+        "--noise-level",
+        help="Fraction of the DDIM grid that is run (official 0.25).",
+        rich_help_panel=_SAMPLER,
+    ),
+    refine: str | None = typer.Option(
+        None,
+        "--refine",
+        help=f"Refining UNet: {', '.join(REFINERS)} (default: the model's setting, official 'finetuned').",
+        rich_help_panel=_SAMPLER,
+    ),
+    pretrained: Path | None = typer.Option(
+        None,
+        "--pretrained",
+        help="Imported LDM file whose UNet refines with --refine pretrained.",
+        rich_help_panel=_SAMPLER,
+    ),
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help=f"Sampler bundle: {', '.join(SAMPLING_BUNDLES)} (default: the model's).",
+        rich_help_panel=_SAMPLER,
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the noise: same seed, same image.", rich_help_panel=_SAMPLER
+    ),
+    save_steps: bool = typer.Option(
+        False, "--save-steps", help="Also write OUT.steps.png: warp, mask and x0-prediction of every step."
+    ),
+    pairs: Path | None = typer.Option(
+        None, "--pairs", help="Pairs list: 'COND REF [REF_COND]' per line.", rich_help_panel=_BATCH
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out-dir", help="Output folder for batch mode.", rich_help_panel=_BATCH
+    ),
+) -> None:
+    """Translate a condition into an image in the style of an exemplar (MIDMs, Algorithm 1).
+
+    Example: midms translate edges.png face.jpg -o out.png --model runs/celeba --seed 1
+    """
+    if variant is not None and variant not in SAMPLING_BUNDLES:
+        raise MidmsError(f"--variant {variant!r}: choose one of {', '.join(SAMPLING_BUNDLES)}")
+    jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
+    device = resolve_device(STATE.device)
+    model_file = resolve_model_file(model)
+    midm = load_midm(model_file, device)
+    sampling = sampling_settings(midm, variant=variant, steps=steps, noise_level=noise_level, refine=refine)
+    pretrained_unet = None
+    if sampling.refine == "pretrained":
+        if pretrained is None:
+            raise MidmsError(
+                "--refine pretrained needs --pretrained LDM.safetensors (from `midms weights import-ldm`)"
+            )
+        pretrained_unet = load_pretrained_unet(pretrained, midm, device)
+    options = TranslateOptions(
+        size=size,
+        sampling=sampling,
+        seed=seed,
+        extract=extract,
+        save_steps=save_steps,
+        pretrained_unet=pretrained_unet,
+    )
+    with Progress(
+        TextColumn("translating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=len(jobs) == 1,
+    ) as bar:
+        task = bar.add_task("translate", total=len(jobs))
+        results = translate_pairs(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
+    summary = {
+        "model": str(model_file),
+        "variant": sampling.variant,
+        "refine": sampling.refine,
+        "seed": seed,
+        "outputs": results,
+    }
+    lines = "\n".join(
+        f"wrote {r['output']}" + (f" (steps: {r['steps']})" if "steps" in r else "") for r in results
+    )
+    emit(summary, lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("translate")(translate_command)

@@ -1,0 +1,526 @@
+"""WebDataset shards: the on-disk format of prepared datasets, its writer and its readers.
+
+Layout (architecture section 4, shard format version 1): `ROOT/{split}/shard-000000.tar ...` plus
+`ROOT/{split}/index.json`. One sample is the group of tar members sharing a key (no dots):
+
+    KEY.image.png        ground truth, RGB uint8
+    KEY.cond.npy.gz      condition, (C, H, W) uint8 array, gzip-compressed .npy (no pickle)
+    KEY.ref.png          exemplar, RGB uint8
+    KEY.ref_cond.npy.gz  exemplar condition, as cond
+    KEY.oracle.png       optional: the right answer for (cond, ref) (synthetic data only)
+    KEY.json             meta: ids, pairing (easy/hard/self), source paths
+
+Conditions are stored as round(255 * c): the official recipes quantise every channel to uint8
+(edges and one-hot maps are 0/1, distance maps and the pose picture are k/255), so this is lossless,
+and gzip shrinks the mostly-constant channels (one-hot, saturated distance maps) many times over.
+Tar headers carry a fixed owner and mtime, and gzip a zero mtime, so a shard's bytes depend only on
+its samples: a resumed or re-run preparation reproduces the same sha256.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from midms_cli.atomic import atomic_path
+from midms_cli.data.plugin import Sample, check_key
+from midms_cli.errors import MidmsError
+
+SHARD_FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+IMAGE_FIELDS = ("image", "ref", "oracle")
+CONDITION_FIELDS = ("cond", "ref_cond")
+CONDITION_EXT = "npy.gz"
+REQUIRED_FIELDS = ("image.png", f"cond.{CONDITION_EXT}", "ref.png", f"ref_cond.{CONDITION_EXT}", "json")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+# Encoding: tensors <-> bytes of one tar member.
+
+
+def encode_image(image: torch.Tensor) -> bytes:
+    """(3, H, W) in [-1, 1] -> PNG bytes (uint8, round to nearest)."""
+    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """PNG bytes -> (3, H, W) float in [-1, 1]."""
+    with Image.open(io.BytesIO(data)) as handle:
+        pixels = np.asarray(handle.convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def encode_condition(cond: torch.Tensor) -> bytes:
+    """(C, H, W) in [0, 1] -> gzip-compressed .npy of round(255 * c) as uint8 (lossless for k/255 values)."""
+    levels = (cond.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(levels), allow_pickle=False)
+    return gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)
+
+
+def decode_condition(data: bytes) -> torch.Tensor:
+    """Bytes written by `encode_condition` -> (C, H, W) float in [0, 1]."""
+    array = np.lib.format.read_array(io.BytesIO(gzip.decompress(data)), allow_pickle=False)
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise ValueError(f"condition array must be uint8 (C, H, W), got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.copy()).float() / 255.0
+
+
+def encode_sample(sample: Sample) -> dict[str, Any]:
+    """A `Sample` -> the member dict `webdataset.TarWriter.write` takes (bytes only)."""
+    record: dict[str, Any] = {"__key__": check_key(sample.key)}
+    record["image.png"] = encode_image(sample.image)
+    record["ref.png"] = encode_image(sample.ref)
+    if sample.oracle is not None:
+        record["oracle.png"] = encode_image(sample.oracle)
+    record[f"cond.{CONDITION_EXT}"] = encode_condition(sample.cond)
+    record[f"ref_cond.{CONDITION_EXT}"] = encode_condition(sample.ref_cond)
+    record["json"] = json.dumps(sample.meta, sort_keys=True).encode("utf-8")
+    return record
+
+
+def decode_sample(raw: dict[str, bytes]) -> dict[str, Any]:
+    """The members of one sample -> {"image", "cond", "ref", "ref_cond", ["oracle"], "meta"}."""
+    missing = [name for name in REQUIRED_FIELDS if name not in raw]
+    if missing:
+        raise ValueError(f"sample {raw.get('__key__')!r} lacks {', '.join(missing)}")
+    sample: dict[str, Any] = {}
+    for name in IMAGE_FIELDS:
+        if f"{name}.png" in raw:
+            sample[name] = decode_image(raw[f"{name}.png"])
+    for name in CONDITION_FIELDS:
+        sample[name] = decode_condition(raw[f"{name}.{CONDITION_EXT}"])
+    meta = json.loads(raw["json"].decode("utf-8"))
+    meta["key"] = raw["__key__"]
+    sample["meta"] = meta
+    return sample
+
+
+# Writing.
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What index.json records about one finished shard."""
+
+    name: str
+    count: int
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "count": self.count, "sha256": self.sha256, "bytes": self.bytes}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo:
+    """Write `samples` to one tar under a temporary name, then rename: a shard is whole or absent."""
+    path = Path(path)
+    count = 0
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as stream:
+            # Fixed owner, mode and mtime make the bytes reproducible (TarWriter's `mtime` argument).
+            writer = wds.TarWriter(stream, encoder=False, user="midms", group="midms", mode=0o444, mtime=0.0)
+            try:
+                for sample in samples:
+                    writer.write(encode_sample(sample))
+                    count += 1
+            finally:  # also on failure, so the tar stream never writes into a closed file later
+                writer.close()
+    return ShardInfo(path.name, count, file_sha256(path), path.stat().st_size)
+
+
+def write_index(directory: str | os.PathLike, index: dict[str, Any]) -> None:
+    from midms_cli.atomic import write_text
+
+    write_text(Path(directory) / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# Reading.
+
+
+def read_index(root: str | os.PathLike, split: str) -> dict[str, Any]:
+    """The index of ROOT/split: plugin, condition {kind, channels}, image_size, count, shards."""
+    path = Path(root) / split / INDEX_NAME
+    if not path.is_file():
+        raise MidmsError(f"no shard index at {path}: run `midms prepare NAME --out {root}` first")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MidmsError(f"shard index {path} is not valid JSON ({exc}); re-run `midms prepare`") from exc
+    version = index.get("format_version") if isinstance(index, dict) else None
+    if not isinstance(version, int) or not isinstance(index.get("shards"), list):
+        raise MidmsError(f"{path} is not a midms shard index (no format_version/shards)")
+    if version > SHARD_FORMAT_VERSION:
+        raise MidmsError(
+            f"{path} has shard format version {version}; this midms reads up to "
+            f"{SHARD_FORMAT_VERSION}: upgrade midms"
+        )
+    return index
+
+
+class CorruptShard(Exception):
+    """A shard that cannot be read; carries the shard name."""
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
+    """The raw samples of one tar, in order: {"__key__", "<field>.<ext>": bytes}. Raises CorruptShard."""
+    path = Path(path)
+    current: dict[str, bytes] | None = None
+    try:
+        with tarfile.open(path, mode="r|") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                handle = archive.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[suffix] = data
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise CorruptShard(f"{path.name}: {exc}") from exc
+    if current is not None:
+        yield current
+
+
+def decoded_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one shard; any unreadable member makes the whole shard CorruptShard."""
+    for raw in read_shard(path):
+        try:
+            yield decode_sample(raw)
+        except Exception as exc:  # any failure to decode stored bytes means the shard is damaged
+            raise CorruptShard(f"{path.name}: {exc}") from exc
+
+
+def stderr_report(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class ReadStats:
+    """What a reader skipped: corrupt shard names (the count is len(skipped_shards))."""
+
+    skipped_shards: list[str] = field(default_factory=list)
+    samples: int = 0
+
+
+def check_shards(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    verify: bool = False,
+    strict: bool = False,
+    report: Callable[[str], None] = stderr_report,
+    stats: ReadStats | None = None,
+) -> list[Path]:
+    """The readable shards of a split: missing or wrong-size ones (and with verify, wrong sha256) are
+    reported by name and left out, or raise MidmsError with strict."""
+    index = read_index(root, split)
+    directory = Path(root) / split
+    good = []
+    for entry in index["shards"]:
+        path = directory / entry["name"]
+        problem = None
+        if not path.is_file():
+            problem = "missing"
+        elif path.stat().st_size != entry.get("bytes", path.stat().st_size):
+            problem = f"size {path.stat().st_size} != {entry['bytes']} in index.json"
+        elif verify and file_sha256(path) != entry.get("sha256"):
+            problem = "sha256 differs from index.json"
+        if problem is None:
+            good.append(path)
+            continue
+        if strict:
+            raise MidmsError(f"corrupt shard {path} ({problem}); re-run `midms prepare` to rebuild it")
+        report(f"warning: skipping corrupt shard {path} ({problem})")
+        if stats is not None:
+            stats.skipped_shards.append(path.name)
+    if stats is not None and stats.skipped_shards:
+        report(f"warning: skipped {len(stats.skipped_shards)} corrupt shard(s) in {directory}")
+    return good
+
+
+def iterate_samples(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    strict: bool = False,
+    stats: ReadStats | None = None,
+    report: Callable[[str], None] = stderr_report,
+) -> Iterator[dict[str, Any]]:
+    """Every sample of a split exactly once, in shard and write order (for evaluation).
+
+    Each shard's sha256 is checked first, so a corrupt shard is skipped whole (reported by name and
+    counted in `stats`) or, with strict, raises MidmsError.
+    """
+    stats = stats if stats is not None else ReadStats()
+    for path in check_shards(root, split, verify=True, strict=strict, report=report, stats=stats):
+        try:
+            for sample in decoded_shard(path):
+                stats.samples += 1
+                yield sample
+        except CorruptShard as exc:
+            if strict:
+                raise MidmsError(f"corrupt shard {exc}; re-run `midms prepare` to rebuild it") from exc
+            report(f"warning: skipping the rest of corrupt shard {exc}")
+            stats.skipped_shards.append(path.name)
+
+
+# The training / evaluation loader.
+
+
+def node_and_worker() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed when initialised, else torchrun's
+    RANK / WORLD_SIZE environment variables, else a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def assigned_shards(shards: list[Path], rank: int, world: int, worker: int, workers: int) -> list[Path]:
+    """split_by_node then split_by_worker: rank r takes shards r, r+world, ...; its worker w every
+    `workers`-th of those. Disjoint across (rank, worker); together they cover every shard."""
+    return shards[rank::world][worker::workers]
+
+
+def shuffled(items: Iterable[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    """Streaming shuffle with a fixed-size buffer (as webdataset's `shuffle`)."""
+    pool: list[Any] = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            i = rng.randrange(len(pool))
+            pool[i], pool[-1] = pool[-1], pool[i]
+            yield pool.pop()
+    rng.shuffle(pool)
+    yield from pool
+
+
+def crop_and_flip(sample: dict[str, Any], crop: int | None, flip: bool, rng: random.Random) -> dict[str, Any]:
+    """Spec 3.1 training augmentation: a random `crop` x `crop` window and a horizontal flip (p = 0.5).
+
+    The target (image, cond and the oracle, which is aligned with them) shares one draw; the exemplar
+    (ref, ref_cond) gets its own, except for a self pair, whose exemplar is the target itself with the
+    target's crop and flip. Unlike the official code (spec 5, item 24) ref_cond stays aligned with ref.
+    """
+    size = sample["image"].shape[-1]
+    crop = size if crop is None else crop
+    if not 0 < crop <= size:
+        raise MidmsError(f"crop {crop} must be between 1 and the shard image size {size}")
+
+    def draw() -> tuple[int, int, bool]:
+        return rng.randrange(size - crop + 1), rng.randrange(size - crop + 1), flip and rng.random() < 0.5
+
+    def apply(tensor: torch.Tensor, window: tuple[int, int, bool]) -> torch.Tensor:
+        top, left, mirrored = window
+        tensor = tensor[..., top : top + crop, left : left + crop]
+        return tensor.flip(-1) if mirrored else tensor
+
+    target = draw()
+    exemplar = target if sample["meta"].get("pairing") == "self" else draw()
+    out = dict(sample)
+    for name in ("image", "cond", "oracle"):
+        if name in sample:
+            out[name] = apply(sample[name], target)
+    for name in ("ref", "ref_cond"):
+        out[name] = apply(sample[name], exemplar)
+    return out
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Decoded samples of a split for one (rank, DataLoader worker).
+
+    resample=True: an endless stream; each (rank, worker) draws shards at random with its own seed,
+    so no rank runs out before another (no hang on uneven shards). resample=False: one pass over this
+    (rank, worker)'s disjoint share. Raw samples are shuffled in a buffer before decoding, to keep
+    the buffer small in memory.
+    """
+
+    def __init__(
+        self,
+        shards: list[Path],
+        *,
+        shuffle: bool,
+        resample: bool,
+        seed: int,
+        buffer: int,
+        strict: bool,
+        rank: int,
+        world: int,
+        report: Callable[[str], None] = stderr_report,
+        crop: int | None = None,
+        flip: bool = False,
+    ):
+        super().__init__()
+        self.crop, self.flip = crop, flip
+        self.shards, self.shuffle, self.resample, self.seed = shards, shuffle, resample, seed
+        self.buffer, self.strict, self.rank, self.world, self.report = buffer, strict, rank, world, report
+        self.epoch = 0
+        self.stats = ReadStats()
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _shard_order(self, rng: random.Random, worker: int, workers: int) -> Iterator[Path]:
+        if self.resample:
+            while True:
+                usable = [s for s in self.shards if s.name not in self.stats.skipped_shards]
+                if not usable:
+                    raise MidmsError("every shard of this split is corrupt; re-run `midms prepare`")
+                yield rng.choice(usable)
+        mine = assigned_shards(self.shards, self.rank, self.world, worker, workers)
+        if self.shuffle:
+            rng.shuffle(mine)
+        yield from mine
+
+    def _raw_samples(self, order: Iterable[Path]) -> Iterator[dict[str, bytes]]:
+        for path in order:
+            try:
+                for raw in read_shard(path):
+                    raw["__shard__"] = path.name
+                    yield raw
+            except CorruptShard as exc:
+                self._corrupt(path.name, exc)
+
+    def _corrupt(self, name: str, exc: Exception) -> None:
+        if self.strict:
+            raise MidmsError(f"corrupt shard {exc}; re-run `midms prepare` to rebuild it") from exc
+        if name not in self.stats.skipped_shards:
+            self.stats.skipped_shards.append(name)
+            self.report(f"warning: skipping corrupt shard {exc} ({len(self.stats.skipped_shards)} skipped)")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = self._worker()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        raw = self._raw_samples(self._shard_order(rng, worker, workers))
+        if self.shuffle:
+            raw = shuffled(raw, self.buffer, rng)
+        for item in raw:
+            try:
+                sample = decode_sample(item)
+            except Exception as exc:  # any failure to decode stored bytes means the shard is damaged
+                name = item["__shard__"]
+                self._corrupt(name, CorruptShard(f"{name}: sample {item['__key__']}: {exc}"))
+                continue
+            self.stats.samples += 1
+            yield crop_and_flip(sample, self.crop, self.flip, rng) if self.crop or self.flip else sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors into a batch; `meta` stays a list of dicts; `oracle` only when every sample has one."""
+    batch: dict[str, Any] = {}
+    for name in ("image", "cond", "ref", "ref_cond", "oracle"):
+        if all(name in s for s in samples):
+            batch[name] = torch.stack([s[name] for s in samples])
+    batch["meta"] = [s["meta"] for s in samples]
+    return batch
+
+
+class ShardLoader:
+    """Iterable of batches over a split; each new iteration is a new epoch (re-shuffled)."""
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        batch_size: int,
+        num_workers: int,
+        drop_last: bool,
+        skipped_shards: list[str],
+    ):
+        self.stream, self.batch_size, self.num_workers = stream, batch_size, num_workers
+        self.drop_last = drop_last
+        self.skipped_shards = skipped_shards  # found before reading (missing / truncated)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.epoch += 1
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=collate, drop_last=self.drop_last,
+        )  # fmt: skip
+        return iter(loader)
+
+
+def make_loader(
+    root: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    resample: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    strict: bool = False,
+    buffer: int = 256,
+    rank: int | None = None,
+    world_size: int | None = None,
+    report: Callable[[str], None] = stderr_report,
+    crop: int | None = None,
+    flip: bool = False,
+) -> ShardLoader:
+    """Batches {"image", "cond", "ref", "ref_cond", ["oracle"], "meta"} of ROOT/split.
+
+    Splits shards by node (rank, world_size: default from torch.distributed or RANK/WORLD_SIZE) and by
+    DataLoader worker. Missing or truncated shards are reported by name and skipped (count in
+    `loader.skipped_shards`; read-time corruption is reported by the worker) or raise with strict.
+    crop / flip: spec 3.1 augmentation (`crop_and_flip`), e.g. shards prepared at 286 px, crop=256.
+    """
+    if batch_size < 1:
+        raise MidmsError(f"batch size must be at least 1, got {batch_size}")
+    default_rank, default_world = node_and_worker()
+    rank = default_rank if rank is None else rank
+    world = default_world if world_size is None else world_size
+    stats = ReadStats()
+    shards = check_shards(root, split, strict=strict, report=report, stats=stats)
+    if not shards:
+        raise MidmsError(f"no readable shards in {Path(root) / split}; re-run `midms prepare`")
+    stream = ShardStream(
+        shards,
+        shuffle=shuffle,
+        resample=resample,
+        seed=seed,
+        buffer=buffer,
+        strict=strict,
+        rank=rank,
+        world=world,
+        report=report,
+        crop=crop,
+        flip=flip,
+    )
+    # An endless stream has no last batch; a finite pass keeps its short last batch (evaluation).
+    return ShardLoader(
+        stream, batch_size, num_workers, drop_last=resample, skipped_shards=stats.skipped_shards
+    )

@@ -1,0 +1,1 @@
+"""Pipelines: plain functions over typed configs (prepare, pretrain, train, translate, evaluate, demo)."""

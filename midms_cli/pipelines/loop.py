@@ -1,0 +1,643 @@
+"""The shared training loop of pretraining, warm-up and MIDMs training.
+
+One process or many under torchrun (DistributedDataParallel, gloo on CPU); rank 0 logs, writes
+checkpoints, metrics and sample grids. A run directory resumes exactly: model, optimizers,
+schedulers, step, and the data stream (a pure function of seed, step and rank, see `DataStream`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from midms_cli import distributed
+from midms_cli.atomic import write_text
+from midms_cli.checkpoint import RunDir, get_rng_state, load_modules, load_training_state, set_rng_state
+from midms_cli.devices import autocast_dtype, resolve_device
+from midms_cli.errors import MidmsError
+from midms_cli.images import save_png
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+SAMPLES_DIR = "samples"
+# Per-rank trace of data keys and parameter checksums (only with LoopOptions.trace; used by tests).
+TRACE_FILE = "trace-rank{rank}.jsonl"
+_console = Console(stderr=True)
+
+
+@dataclass
+class LoopOptions:
+    """How long and how to train; the model-specific parts live in the task."""
+
+    out: Path
+    max_iters: int
+    batch_size: int = 1
+    seed: int = 2021
+    grad_accumulation: int = 1
+    grad_clip: float = 0.0  # 0: no clipping
+    ema_decay: float = 0.0  # 0: no EMA
+    amp: bool = False  # mixed precision, CUDA only
+    nan_patience: int = 10
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    sample_every: int = 500
+    keep_checkpoints: int = 3
+    trace: bool = False
+    progress: bool = True
+    # Called after every completed step with the step number (tests use it to simulate a kill).
+    on_step: Callable[[int], None] | None = field(default=None, repr=False)
+
+
+class TrainingTask(Protocol):
+    """What a pipeline hands to the loop.
+
+    `model` is the nn.Module DDP wraps: forward(batch) returns a dict of scalar losses whose
+    "loss" entry is the total. `modules` are saved under their prefixes in every checkpoint.
+    """
+
+    kind: str
+    config: dict[str, Any]
+    model: nn.Module
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    ema_module: nn.Module | None
+
+    def sample_columns(self, batch: dict[str, Any]) -> list[torch.Tensor]: ...
+
+    def export(self, path: Path) -> None: ...
+
+
+@dataclass
+class LoopResult:
+    step: int
+    interrupted: bool
+    nonfinite_skipped: int
+    last_losses: dict[str, float]
+    final_model: Path | None
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """A 63-bit seed that depends only on (seed, step, rank, stream): resume needs no RNG history."""
+    value = (seed * 1_000_003 + step) * 1_009 + rank
+    value = value * 31 + stream
+    return value % (2**63 - 1)
+
+
+def seed_everything(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+@contextlib.contextmanager
+def _isolated_rng(holder: dict[str, Any]) -> Iterator[None]:
+    """Run with the RNG states kept in `holder` and leave the global ones untouched.
+
+    The data pipeline may draw random numbers (shuffling, worker seeds); isolating it keeps the
+    model's random stream identical whether the loader was just rebuilt (resume) or not.
+    """
+    outer = get_rng_state()
+    set_rng_state(holder["rng"])
+    try:
+        yield
+    finally:
+        holder["rng"] = get_rng_state()
+        set_rng_state(outer)
+
+
+class DataStream:
+    """Micro-batches as a pure function of (seed, micro-step index, rank).
+
+    The stream is cut into segments of `segment` micro-batches; each segment is a fresh loader
+    seeded from (seed, segment, rank). Resuming mid-segment rebuilds it and skips what was consumed.
+    """
+
+    def __init__(self, make_loader: Callable[[int], Iterable], seed: int, segment: int, rank: int) -> None:
+        self.make_loader = make_loader
+        self.seed, self.segment, self.rank = seed, max(1, segment), rank
+        self._iterator: Iterator | None = None
+        self._position = -1  # micro-step index of the next batch the iterator yields
+        self._rng: dict[str, Any] = {}
+
+    def _start(self, index: int) -> None:
+        segment_index = index // self.segment
+        seed = step_seed(self.seed, segment_index, self.rank, stream=1)
+        outer = get_rng_state()
+        seed_everything(seed)
+        self._rng = {"rng": get_rng_state()}  # the data's own random stream for this segment
+        set_rng_state(outer)
+        with _isolated_rng(self._rng):
+            self._iterator = iter(self.make_loader(seed % 2**31))
+            start = segment_index * self.segment
+            for _ in range(index - start):
+                next(self._iterator)
+        self._position = index
+
+    def batch(self, index: int) -> dict[str, Any]:
+        """The micro-batch with global index `index` (consecutive calls are cheap)."""
+        if self._iterator is None or index != self._position or index % self.segment == 0:
+            self._start(index)
+        with _isolated_rng(self._rng):
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise MidmsError("the training data ran out; prepare more samples") from None
+        self._position = index + 1
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a module's floating-point parameters (buffers, saved as `ema.`)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        # Only what is trained: frozen parts (the first stage) would average to themselves.
+        self._names = [
+            name for name, p in module.named_parameters() if p.is_floating_point() and p.requires_grad
+        ]
+        params = dict(module.named_parameters())
+        for name in self._names:
+            self.register_buffer(name.replace(".", "__"), params[name].detach().clone())
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for name in self._names:
+            getattr(self, name.replace(".", "__")).lerp_(params[name].detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module) -> Iterator[None]:
+        """Temporarily load the averaged weights into `module` (for sampling and export)."""
+        params = dict(module.named_parameters())
+        saved = {name: params[name].detach().clone() for name in self._names}
+        with torch.no_grad():
+            for name in self._names:
+                params[name].copy_(getattr(self, name.replace(".", "__")))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name in self._names:
+                    params[name].copy_(saved[name])
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop saves a checkpoint at the end of the step and returns.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (the last complete checkpoint stays current).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def parameter_checksum(module: nn.Module) -> float:
+    """Sum of all parameters in float64: equal across ranks iff DDP kept the replicas in sync."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
+def sample_keys(batch: dict[str, Any]) -> list[str]:
+    return [str(m.get("__key__", m.get("key", ""))) for m in batch.get("meta", [])]
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def sample_grid(columns: list[torch.Tensor], max_rows: int = 4) -> torch.Tensor:
+    """(3, rows*H, cols*W) grid: one row per sample, one column per tensor (each (B, C, H, W) in [-1, 1])."""
+    shown = []
+    for column in columns:
+        column = column[:max_rows].detach().float().cpu()
+        if column.shape[1] == 1:
+            column = column.expand(-1, 3, -1, -1)
+        shown.append(torch.nan_to_num(column[:, :3], nan=0.0).clamp(-1, 1))
+    rows = [torch.cat([c[i] for c in shown], dim=2) for i in range(shown[0].shape[0])]
+    return torch.cat(rows, dim=1)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line, flushed (a log is appended to, not rewritten; a crash loses at most this line)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records logged after `last_step` (they belong to steps a resumed run will redo)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    write_text(path, "".join(k + "\n" for k in kept))
+
+
+def write_run_config(out: Path, config: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_run_config(out: Path) -> dict[str, Any] | None:
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MidmsError(f"{path} is not valid JSON ({exc.msg}); fix or delete it") from None
+
+
+def setup_device(name: str = "auto") -> torch.device:
+    """Join the process group when under torchrun; each rank gets its own device (else `name`)."""
+    distributed.init()
+    if distributed.world_size() > 1:
+        return distributed.device_for_rank()
+    return resolve_device(name)
+
+
+def endless_epochs(loader: Iterable, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Full batches of `loader`, epoch after epoch (each new pass re-shuffles); short last batches dropped."""
+    while True:
+        produced = False
+        for batch in loader:
+            if len(batch["meta"]) == batch_size:
+                produced = True
+                yield batch
+        if not produced:
+            raise MidmsError(
+                f"this process's share of the training shards holds fewer than {batch_size} samples; "
+                "prepare more samples or shards, or lower the batch size / number of processes"
+            )
+
+
+def shard_loader(data: Path, split: str, batch_size: int, num_workers: int = 0) -> Callable[[int], Iterable]:
+    """A loader factory over WebDataset shards: seed -> an endless per-rank batch stream.
+
+    Each rank reads only its own shards (split by node and worker), pass after pass, so ranks see
+    disjoint data and none runs dry before another (no hang on uneven shards).
+    """
+    from midms_cli.data.shards import make_loader
+
+    def make(seed: int) -> Iterable:
+        loader = make_loader(
+            data, split, batch_size, shuffle=True, resample=False, seed=seed, num_workers=num_workers
+        )
+        return endless_epochs(loader, batch_size)
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """Runs a TrainingTask for LoopOptions.max_iters optimizer steps; see `run`."""
+
+    def __init__(
+        self,
+        task: TrainingTask,
+        options: LoopOptions,
+        make_loader: Callable[[int], Iterable],
+        device: torch.device,
+    ) -> None:
+        self.task, self.options, self.device = task, options, device
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = distributed.is_main()
+        self.run_dir = RunDir(options.out, keep=options.keep_checkpoints)
+        self.data = DataStream(
+            make_loader, options.seed, options.checkpoint_every * options.grad_accumulation, self.rank
+        )
+        self.ema = (
+            EMA(task.ema_module, options.ema_decay).to(device)
+            if (options.ema_decay > 0 and task.ema_module is not None)
+            else None
+        )
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.wrapped = self._wrap(task.model)
+        dtype = autocast_dtype(device) if options.amp else None
+        self.amp_dtype = dtype
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        if self.world > 1 and any(p.requires_grad for p in model.parameters()):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # find_unused_parameters as the official code: some branches skip parts of the model.
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        return model
+
+    def _saved_modules(self) -> dict[str, nn.Module]:
+        modules = dict(self.task.modules)
+        if self.ema is not None:
+            modules["ema"] = self.ema
+        return modules
+
+    # Resume.
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run directory, if any; True when resumed."""
+        checkpoint = self.run_dir.latest()
+        if checkpoint is None:
+            return False
+        state = self.run_dir.latest_state()
+        if state is None:
+            raise MidmsError(f"{checkpoint} has no training state beside it; start a new run directory")
+        load_modules(checkpoint, self._saved_modules(), expected_kind=self.task.kind)
+        loaded = load_training_state(state, self.task.optimizers, self.task.schedulers)
+        self.step = loaded["step"]
+        extra = loaded["extra"]
+        self.nonfinite_total = int(extra.get("nonfinite_total", 0))
+        self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
+        return True
+
+    def save(self) -> Path | None:
+        if self.main:
+            path = self.run_dir.save(
+                self.step,
+                self._saved_modules(),
+                self.task.config,
+                kind=self.task.kind,
+                optimizers=self.task.optimizers,
+                schedulers=self.task.schedulers,
+                state_extra={
+                    "data_position": self.step * self.options.grad_accumulation,
+                    "nonfinite_total": self.nonfinite_total,
+                    "nonfinite_streak": self.nonfinite_streak,
+                },
+            )
+        else:
+            path = None
+        distributed.barrier()
+        return path
+
+    # One optimizer step.
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _micro_step(self, index: int, last: bool) -> tuple[dict[str, float], bool, dict[str, Any]]:
+        batch = to_device(self.data.batch(index), self.device)
+        # Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation.
+        sync = (
+            contextlib.nullcontext()
+            if last or not hasattr(self.wrapped, "no_sync")
+            else self.wrapped.no_sync()
+        )
+        with sync:
+            with self._autocast():
+                losses = self.wrapped(batch)
+            loss = losses["loss"] / self.options.grad_accumulation
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return {k: float(v.detach()) for k, v in losses.items()}, finite, batch
+
+    def train_step(self) -> tuple[dict[str, float], dict[str, Any], bool]:
+        """Accumulate, check for NaN/inf on every rank, clip, step. Returns (losses, last batch, stepped)."""
+        seed_everything(step_seed(self.options.seed, self.step, self.rank))
+        for optimizer in self.task.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        all_finite = True
+        accumulation = self.options.grad_accumulation
+        for micro in range(accumulation):
+            index = self.step * accumulation + micro
+            losses, finite, batch = self._micro_step(index, last=micro == accumulation - 1)
+            all_finite &= finite
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value / accumulation
+        params = [p for p in self.task.model.parameters() if p.requires_grad and p.grad is not None]
+        if self.scaler is not None:
+            for optimizer in self.task.optimizers.values():
+                self.scaler.unscale_(optimizer)
+        clip = self.options.grad_clip if self.options.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+        all_finite &= bool(torch.isfinite(grad_norm))
+        # Every rank must agree to skip, or the replicas drift apart.
+        flag = torch.tensor([0.0 if all_finite else 1.0], device=self.device)
+        stepped = float(distributed.all_reduce_mean(flag)) == 0.0
+        if stepped:
+            for optimizer in self.task.optimizers.values():
+                if self.scaler is not None:
+                    self.scaler.step(optimizer)
+                else:
+                    optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.task.ema_module)
+        if self.scaler is not None:
+            self.scaler.update()  # also after a skip: it lowers the loss scale and resets unscale_
+        for scheduler in self.task.schedulers.values():
+            scheduler.step()
+        self.step += 1
+        return totals, batch, stepped
+
+    def _check_nonfinite(self, stepped: bool, losses: dict[str, float]) -> None:
+        if stepped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        if self.main:
+            _console.print(
+                f"step {self.step}: non-finite loss or gradient, optimizer step skipped "
+                f"({self.nonfinite_streak} in a row)",
+                highlight=False,
+            )
+        if self.nonfinite_streak >= self.options.nan_patience:
+            raise MidmsError(
+                f"training stopped at step {self.step}: the loss or gradients were NaN/inf for "
+                f"{self.nonfinite_streak} steps in a row (training.nan_patience); lower the learning rate, "
+                "set a gradient clip, or resume from an earlier checkpoint"
+            )
+
+    # Logging.
+
+    def _log(self, losses: dict[str, float], samples_per_sec: float) -> None:
+        # Named parameter groups log as lr_<group name> (e.g. lr_unet), others as lr_<optimizer>_<index>.
+        lrs = {
+            f"lr_{group.get('name') or f'{name}_{i}'}": group["lr"]
+            for name, opt in self.task.optimizers.items()
+            for i, group in enumerate(opt.param_groups)
+        }
+        record = {
+            "step": self.step,
+            **losses,
+            **lrs,
+            "samples_per_sec": samples_per_sec,
+            "nonfinite_skipped": self.nonfinite_total,
+            "time": time.time(),
+        }
+        append_jsonl(Path(self.options.out) / METRICS_FILE, record)
+
+    def _trace(self, batch: dict[str, Any], losses: dict[str, float]) -> None:
+        record = {
+            "step": self.step,
+            "rank": self.rank,
+            "keys": sample_keys(batch),
+            "checksum": parameter_checksum(self.task.model),
+            "loss": losses.get("loss"),
+        }
+        append_jsonl(Path(self.options.out) / TRACE_FILE.format(rank=self.rank), record)
+
+    def write_samples(self, batch: dict[str, Any]) -> Path | None:
+        if not self.main:
+            return None
+        model = self.task.ema_module
+        context = self.ema.swapped_into(model) if self.ema is not None else contextlib.nullcontext()
+        with context, torch.no_grad():
+            columns = self.task.sample_columns(batch)
+        path = Path(self.options.out) / SAMPLES_DIR / f"step-{self.step:08d}.png"
+        save_png(sample_grid(columns), path)
+        return path
+
+    def export(self) -> Path | None:
+        """The final model file `model.safetensors` (EMA weights when EMA is on)."""
+        if not self.main:
+            distributed.barrier()
+            return None
+        path = Path(self.options.out) / "model.safetensors"
+        model = self.task.ema_module
+        context = self.ema.swapped_into(model) if self.ema is not None else contextlib.nullcontext()
+        with context:
+            self.task.export(path)
+        distributed.barrier()
+        return path
+
+    # Main loop.
+
+    def run(self) -> LoopResult:
+        """Train until max_iters (or a stop request); checkpoints, logs and samples on the way."""
+        options, out = self.options, Path(self.options.out)
+        resumed = self.resume()
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(out / METRICS_FILE, self.step)
+            for rank in range(self.world) if options.trace else ():
+                truncate_jsonl(out / TRACE_FILE.format(rank=rank), self.step)
+            if resumed:
+                _console.print(f"resuming {out} from step {self.step}", highlight=False)
+        distributed.barrier()
+        self.task.model.train()
+        losses: dict[str, float] = {}
+        interrupted = False
+        last_batch: dict[str, Any] | None = None
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=_console,
+            disable=not (self.main and options.progress),
+            transient=False,
+        )
+        samples_per_step = options.batch_size * options.grad_accumulation * self.world
+        with StopFlag() as stop, progress:
+            bar = progress.add_task(self.task.kind, total=options.max_iters, completed=self.step, status="")
+            window_start, window_steps = time.perf_counter(), 0
+            while self.step < options.max_iters:
+                # Train.
+                losses, last_batch, stepped = self.train_step()
+                self._check_nonfinite(stepped, losses)
+                window_steps += 1
+                rate = samples_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9)
+                progress.update(
+                    bar,
+                    completed=self.step,
+                    status=f"loss {losses.get('loss', float('nan')):.4f}  {rate:.1f} samples/s",
+                )
+                # Log, trace, sample, checkpoint.
+                if options.trace:
+                    self._trace(last_batch, losses)
+                if self.main and (self.step % options.log_every == 0 or self.step == options.max_iters):
+                    self._log(losses, rate)
+                    window_start, window_steps = time.perf_counter(), 0
+                if options.sample_every > 0 and self.step % options.sample_every == 0:
+                    self.write_samples(last_batch)
+                if options.on_step is not None:
+                    options.on_step(self.step)
+                # Stop requests come per rank (a signal); all ranks must leave together.
+                flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+                stop_now = float(distributed.all_reduce_mean(flag)) > 0
+                if self.step % options.checkpoint_every == 0 or stop_now:
+                    self.save()
+                if stop_now:
+                    interrupted = self.step < options.max_iters
+                    break
+        final = None
+        if not interrupted:
+            if self.run_dir.latest_step() != self.step:
+                self.save()
+            if last_batch is not None:
+                self.write_samples(last_batch)
+            final = self.export()
+        if self.main and interrupted:
+            _console.print(
+                f"interrupted: checkpoint saved at step {self.step}; run the same command to resume",
+                highlight=False,
+            )
+        return LoopResult(self.step, interrupted, self.nonfinite_total, losses, final)

@@ -1,0 +1,275 @@
+"""Shards: exact round trip, node/worker splitting, resumable deterministic preparation, corrupt shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fake_dataset import PLUGIN, expected
+
+from midms_cli.data import shards
+from midms_cli.data.shards import (
+    ReadStats,
+    assigned_shards,
+    decode_condition,
+    encode_condition,
+    iterate_samples,
+    make_loader,
+    read_index,
+)
+from midms_cli.errors import MidmsError
+from midms_cli.pipelines import prepare as prepare_module
+from midms_cli.pipelines.prepare import PrepareConfig, prepare
+
+SIZE = 8
+
+
+def run(out: Path, **overrides) -> dict:
+    overrides.setdefault("options", {"count": 10})
+    overrides.setdefault("shard_size", 4)
+    config = PrepareConfig(dataset="fake", out=out, size=SIZE, **overrides)
+    return prepare(config, PLUGIN)
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard-*.tar"))}
+
+
+def test_condition_encoding_is_lossless_for_uint8_levels_and_reproducible():
+    levels = torch.arange(256, dtype=torch.float32).view(1, 16, 16).repeat(3, 1, 1) / 255
+    data = encode_condition(levels)
+    assert torch.equal(decode_condition(data), levels)
+    assert encode_condition(levels) == data  # no timestamp inside
+    assert data[:2] == b"\x1f\x8b"  # gzip stream of a .npy
+
+
+def test_write_then_read_returns_exactly_the_samples_written(tmp_path):
+    result = run(tmp_path, splits=("train",), seed=7)
+    assert result["splits"]["train"] == {"count": 10, "shards": 3, "skipped": 0}
+    index = read_index(tmp_path, "train")
+    assert index["format_version"] == 1 and index["plugin"] == "fake" and index["plugin_version"] == "3"
+    assert index["condition"]["kind"] == "fake" and index["condition"]["channels"] == 2
+    assert [s["count"] for s in index["shards"]] == [4, 4, 2]
+    for entry in index["shards"]:
+        path = tmp_path / "train" / entry["name"]
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["bytes"] == path.stat().st_size
+    samples = list(iterate_samples(tmp_path, "train"))
+    assert [s["meta"]["index"] for s in samples] == list(range(10))
+    for sample in samples:
+        i = sample["meta"]["index"]
+        assert sample["meta"]["key"] == f"train{i:05d}"
+        assert "oracle" not in sample
+        for name, tensor in expected(7, "train", i, SIZE, 2).items():
+            assert torch.equal(sample[name], tensor), (i, name)
+
+
+def test_tar_members_follow_the_documented_schema(tmp_path):
+    import tarfile
+
+    run(tmp_path, splits=("val",), options={"count": 1})
+    with tarfile.open(tmp_path / "val" / "shard-000000.tar") as archive:
+        names = sorted(archive.getnames())
+    assert names == ["val00000.cond.npy.gz", "val00000.image.png", "val00000.json", "val00000.ref.png",
+                     "val00000.ref_cond.npy.gz"]  # fmt: skip
+
+
+def test_assigned_shards_are_disjoint_and_cover_all():
+    names = [Path(f"s{i}") for i in range(7)]
+    parts = [assigned_shards(names, r, 2, w, 2) for r in range(2) for w in range(2)]
+    flat = [p for part in parts for p in part]
+    assert sorted(flat) == sorted(names) and len(flat) == len(set(flat))
+    assert parts[0] == [Path("s0"), Path("s4")]  # rank 0 takes s0 s2 s4 s6, its worker 0 every other one
+
+
+def test_two_ranks_two_workers_read_disjoint_samples_that_cover_the_split(tmp_path):
+    # Ranks are simulated with the rank/world_size parameters (under torchrun they come from
+    # torch.distributed or RANK/WORLD_SIZE); workers are real DataLoader worker processes.
+    run(tmp_path, splits=("train",), options={"count": 10}, shard_size=2)  # 5 shards
+    seen = []
+    for rank in range(2):
+        loader = make_loader(tmp_path, "train", 3, resample=False, num_workers=2, rank=rank, world_size=2)
+        indices = [m["index"] for batch in loader for m in batch["meta"]]
+        seen.append(indices)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(10))
+
+
+def test_resampled_loader_is_endless_and_collates_batches(tmp_path):
+    run(tmp_path, splits=("train",), options={"count": 5})
+    loader = make_loader(tmp_path, "train", 4, seed=3, buffer=8)
+    iterator = iter(loader)
+    batches = [next(iterator) for _ in range(4)]  # 16 samples from a 5-sample split
+    batch = batches[0]
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["cond"].shape == (4, 2, SIZE, SIZE)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["cond"].min() >= 0 and batch["cond"].max() <= 1
+    assert isinstance(batch["meta"], list) and len(batch["meta"]) == 4 and "oracle" not in batch
+    i = batch["meta"][0]["index"]
+    assert torch.equal(batch["image"][0], expected(0, "train", i, SIZE, 2)["image"])
+
+
+def test_sample_depends_only_on_seed_and_index_not_on_workers(tmp_path):
+    run(tmp_path / "one", splits=("train",), seed=1)
+    run(tmp_path / "two", splits=("train",), seed=1, workers=2)
+    assert digests(tmp_path / "one" / "train") == digests(tmp_path / "two" / "train")
+    run(tmp_path / "other", splits=("train",), seed=2)
+    assert digests(tmp_path / "one" / "train") != digests(tmp_path / "other" / "train")
+
+
+def test_killed_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
+    run(tmp_path / "whole", splits=("train",))
+    reference = digests(tmp_path / "whole" / "train")
+
+    # First attempt dies after writing two shards (as a kill would), leaving a stale temporary.
+    real_write_shard = prepare_module.write_shard
+    calls = []
+
+    def dying_write_shard(path, samples):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real_write_shard(path, samples)
+
+    monkeypatch.setattr(prepare_module, "write_shard", dying_write_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", splits=("train",))
+    directory = tmp_path / "resumed" / "train"
+    assert sorted(digests(directory)) == ["shard-000000.tar", "shard-000001.tar"]
+    assert not (directory / "index.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in directory.glob("shard-*.tar")}
+    (directory / ".shard-000002.tar.x1y2.tmp.tar").write_bytes(b"half a shard")
+
+    # The restart writes only the missing shard and ends with the same bytes.
+    monkeypatch.setattr(prepare_module, "write_shard", real_write_shard)
+    run(tmp_path / "resumed", splits=("train",))
+    assert digests(directory) == reference
+    assert {name: (directory / name).stat().st_mtime_ns for name in kept} == kept
+    assert not list(directory.glob(".shard-*"))
+    assert read_index(tmp_path / "resumed", "train")["count"] == 10
+
+
+def test_restart_with_other_settings_is_refused(tmp_path):
+    run(tmp_path, splits=("train",), seed=0)
+    with pytest.raises(MidmsError, match="different preparation.*seed"):
+        run(tmp_path, splits=("train",), seed=1)
+
+
+def test_bad_source_item_is_skipped_with_a_warning_or_fails_with_strict(tmp_path):
+    lines = []
+    config = PrepareConfig(dataset="fake", out=tmp_path / "a", size=SIZE, shard_size=4, splits=("train",),
+                           options={"count": 6, "bad": "2"})  # fmt: skip
+    result = prepare(config, PLUGIN, report=lines.append)
+    assert result["splits"]["train"]["count"] == 5 and result["splits"]["train"]["skipped"] == 1
+    assert lines == ["warning: skipped train sample 2: broken source file item2.jpg"]
+    assert [s["meta"]["index"] for s in iterate_samples(tmp_path / "a", "train")] == [0, 1, 3, 4, 5]
+    config.out, config.strict = tmp_path / "b", True
+    with pytest.raises(MidmsError, match="item2.jpg"):
+        prepare(config, PLUGIN)
+
+
+def _corrupt_middle(path: Path) -> None:
+    """Flip bytes inside the first member's data (headers take the first 1536 bytes here)."""
+    data = bytearray(path.read_bytes())
+    for i in range(1600, 1700):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_shard_is_reported_by_name_and_skipped(tmp_path):
+    run(tmp_path, splits=("train",))
+    _corrupt_middle(tmp_path / "train" / "shard-000001.tar")
+    lines: list[str] = []
+    stats = ReadStats()
+    samples = list(iterate_samples(tmp_path, "train", stats=stats, report=lines.append))
+    assert [s["meta"]["index"] for s in samples] == [0, 1, 2, 3, 8, 9]
+    assert stats.skipped_shards == ["shard-000001.tar"] and stats.samples == 6
+    assert any("shard-000001.tar" in line for line in lines)
+    with pytest.raises(MidmsError, match="shard-000001.tar"):
+        list(iterate_samples(tmp_path, "train", strict=True))
+
+
+def test_loader_skips_a_truncated_shard_and_counts_it(tmp_path):
+    run(tmp_path, splits=("train",))
+    path = tmp_path / "train" / "shard-000000.tar"
+    path.write_bytes(path.read_bytes()[:1000])
+    lines: list[str] = []
+    loader = make_loader(tmp_path, "train", 2, resample=False, shuffle=False, report=lines.append)
+    assert loader.skipped_shards == ["shard-000000.tar"]
+    assert sorted(m["index"] for batch in loader for m in batch["meta"]) == list(range(4, 10))
+    assert any("shard-000000.tar" in line for line in lines)
+    with pytest.raises(MidmsError, match="shard-000000.tar"):
+        make_loader(tmp_path, "train", 2, strict=True)
+
+
+def test_loader_reports_a_shard_that_fails_while_reading(tmp_path):
+    run(tmp_path, splits=("train",))
+    _corrupt_middle(tmp_path / "train" / "shard-000002.tar")  # same size: found only when read
+    lines: list[str] = []
+    loader = make_loader(tmp_path, "train", 1, resample=False, shuffle=False, report=lines.append)
+    indices = [m["index"] for batch in loader for m in batch["meta"]]
+    assert set(indices) <= set(range(10)) and set(range(8)) <= set(indices)
+    assert loader.stream.stats.skipped_shards == ["shard-000002.tar"]
+    assert any("shard-000002.tar" in line for line in lines)
+
+
+def test_read_index_errors_name_the_file(tmp_path):
+    with pytest.raises(MidmsError, match="no shard index at .*index.json"):
+        read_index(tmp_path, "train")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "index.json").write_text(json.dumps({"format_version": 99, "shards": []}))
+    with pytest.raises(MidmsError, match="format version 99"):
+        read_index(tmp_path, "train")
+    assert shards.SHARD_FORMAT_VERSION == 1
+
+
+def _window(full: torch.Tensor, part: torch.Tensor) -> set[tuple[int, int, bool]]:
+    """Every (top, left, mirrored) under which `part` is a crop (then flip) of `full`."""
+    crop, size = part.shape[-1], full.shape[-1]
+    found = set()
+    for top in range(size - crop + 1):
+        for left in range(size - crop + 1):
+            window = full[..., top : top + crop, left : left + crop]
+            for mirrored in (False, True):
+                if torch.equal(window.flip(-1) if mirrored else window, part):
+                    found.add((top, left, mirrored))
+    return found
+
+
+def test_crop_and_flip_share_the_target_window_and_draw_the_exemplars_own(tmp_path):
+    run(tmp_path, splits=("train",), options={"count": 6})
+    loader = make_loader(tmp_path, "train", 1, resample=False, crop=5, flip=True, seed=4)
+    windows_differ = False
+    for batch in loader:
+        sample = {k: v[0] for k, v in batch.items() if k != "meta"}
+        full = expected(0, "train", batch["meta"][0]["index"], SIZE, 2)
+        assert sample["image"].shape == (3, 5, 5) and sample["ref_cond"].shape == (2, 5, 5)
+        target = _window(full["image"], sample["image"])
+        exemplar = _window(full["ref"], sample["ref"])
+        assert target and target == _window(full["cond"], sample["cond"])  # condition aligned with image
+        assert exemplar and exemplar == _window(full["ref_cond"], sample["ref_cond"])
+        windows_differ |= target != exemplar
+    assert windows_differ  # the exemplar has its own crop/flip
+    with pytest.raises(MidmsError, match="crop 9"):
+        next(iter(make_loader(tmp_path, "train", 1, crop=9)))
+
+
+def test_self_pair_exemplar_keeps_the_targets_crop_and_flip():
+    import random
+
+    from midms_cli.data.shards import crop_and_flip
+
+    image = torch.arange(2 * 64, dtype=torch.float32).view(2, 8, 8)
+    sample = {
+        "image": image,
+        "cond": image + 1,
+        "ref": image.clone(),
+        "ref_cond": image + 1,
+        "meta": {"pairing": "self"},
+    }
+    for seed in range(5):
+        out = crop_and_flip(sample, 4, True, random.Random(seed))
+        assert torch.equal(out["ref"], out["image"]) and torch.equal(out["ref_cond"], out["cond"])

@@ -1,0 +1,251 @@
+"""`evaluate_model` end to end on tiny synthfaces shards with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from midms_cli.config import CorrespondenceConfig, preset
+from midms_cli.data.registry import get_plugin
+from midms_cli.errors import MidmsError
+from midms_cli.models.lpips_net import LPIPS
+from midms_cli.models.midm import MIDM
+from midms_cli.pipelines.evaluate import EvalOptions, evaluate_model, plan_pairs, split_keys
+from midms_cli.pipelines.prepare import PrepareConfig, prepare
+from midms_cli.pipelines.translate import save_midm
+
+
+class _TinyInception(torch.nn.Module):
+    """Stands in for the FID Inception: 8-d pooled features of images in [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, images):
+        return F.relu(self.conv(images)).mean(dim=(2, 3))
+
+
+class _TinyVGG(torch.nn.Module):
+    def forward(self, image, layers):
+        x = (image + 1) / 2
+        names = ("r12", "r22", "r32", "r42", "r52")
+        return {name: F.avg_pool2d(x, 2**i) for i, name in enumerate(names) if name in layers}
+
+
+def _networks():
+    torch.manual_seed(1)
+    lpips = LPIPS("alex").eval()
+    return {"inception": _TinyInception().eval(), "vgg": _TinyVGG(), "lpips": lpips}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    config = PrepareConfig(
+        dataset="synthfaces", out=root / "shards", size=64, splits=("val",), limit=3, shard_size=2
+    )
+    prepare(config, get_plugin("synthfaces"))
+    torch.manual_seed(0)
+    # The tiny preset made narrower still, and no refinement (only the 4 interleaved UNet calls).
+    model_config = preset("tiny")
+    model_config.sampling.refine = "none"
+    model_config.autoencoder.num_res_blocks, model_config.autoencoder.ch_mult = 1, (1, 1, 1)
+    model_config.unet.channel_mult, model_config.unet.attention_resolutions = (1, 1), ()
+    model_config.correspondence = CorrespondenceConfig(
+        channels=16, stem_channels=(8, 16, 16), trunk_blocks=1, spade_hidden=16
+    )
+    save_midm(root / "model.safetensors", MIDM(model_config))
+    return root
+
+
+def _run(root: Path, out: Path, **kwargs):
+    return evaluate_model(
+        root / "model.safetensors",
+        root / "shards",
+        "val",
+        out,
+        limit=2,
+        seed=3,
+        diversity=1,
+        batch_size=3,
+        networks=_networks(),
+        report=lambda line: None,
+        **kwargs,
+    )
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.open = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_end_to_end_files_numbers_and_reproducibility(setup, tmp_path):
+    first = _run(setup, tmp_path / "a", baselines=True)
+    results = first["results"]
+    model, copy, warp = (
+        results["model"],
+        results["baselines"]["exemplar_copy"],
+        results["baselines"]["initial_warp"],
+    )
+    for name in (
+        "fid",
+        "fid_exemplars",
+        "kid",
+        "swd",
+        "swd_64",
+        "swd_16",
+        "lpips_diversity",
+        "style_colour",
+        "semantic_consistency",
+        "oracle_output_psnr",
+        "oracle_warp_l1",
+        "oracle_output_psnr_skin",
+    ):
+        assert name in model, name
+    assert copy["fid_exemplars"] == pytest.approx(0.0, abs=1e-6)  # the copy *is* the exemplar set
+    assert 0.5 < copy["style_colour"] <= 1.0  # same colours, but regions of different geometries
+    assert warp["oracle_output_psnr"] == pytest.approx(model["oracle_warp_psnr"])  # the same decoded warps
+    out = tmp_path / "a"
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["protocol_version"] == 1 and protocol["pairs"] == 4 and protocol["primary_pairs"] == 2
+    assert protocol["size"] == 64 and protocol["seeds"]["generation"] == 3
+    assert (out / "pairs.txt").read_text().splitlines() == [
+        "val0000000 val0000000",
+        "val0000000 val0000001",
+        "val0000001 val0000001",
+        "val0000001 val0000002",
+    ]
+    assert len(list((out / "images" / "output").glob("*.png"))) == 4
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    assert parser.sources and all((out / src).is_file() for src in parser.sources)
+    assert not any(src.startswith("/") for src in parser.sources)
+
+    second = _run(setup, tmp_path / "b", baselines=True)
+    assert second["results"] == results
+    assert (tmp_path / "b" / "protocol.json").read_text() == (out / "protocol.json").read_text()
+    assert (tmp_path / "b" / "results.json").read_text() == (out / "results.json").read_text()
+
+
+def test_pair_list_with_unknown_key_fails_before_any_output(setup, tmp_path):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("val0000000 val0000009\n")
+    with pytest.raises(MidmsError, match="names sample 'val0000009'"):
+        _run(setup, tmp_path / "out", pairs_path=pairs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pair_list_limit_keeps_first_conditions(setup):
+    keys = split_keys(setup / "shards", "val")
+    assert keys == ["val0000000", "val0000001", "val0000002"]
+    pairs = plan_pairs(keys, EvalOptions(limit=1, diversity=2))
+    assert [(p.condition, p.exemplar) for p in pairs] == [
+        ("val0000000", "val0000000"),
+        ("val0000000", "val0000001"),
+        ("val0000000", "val0000002"),
+    ]
+
+
+def test_cli_model_mode_prints_table_and_writes_files(setup, tmp_path, monkeypatch, capsys):
+    from midms_cli.cli.app import main
+
+    monkeypatch.setenv("MIDMS_HOME", str(tmp_path / "home"))
+    argv = [
+        "--json",
+        "eval",
+        "--model",
+        str(setup / "model.safetensors"),
+        "--data",
+        str(setup / "shards"),
+        "--limit",
+        "1",
+        "--diversity",
+        "0",
+        "--metrics",
+        "swd,oracle",
+        "--out",
+        str(tmp_path / "cli"),
+    ]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert (info.value.code or 0) == 0, err
+    result = json.loads(out)
+    assert set(result["results"]) >= {"swd", "oracle_output_psnr", "oracle_warp_psnr"}
+    assert result["protocol"]["metrics"] == ["swd", "oracle"] and result["protocol"]["pairs"] == 1
+    for name in ("protocol.json", "results.json", "report.html", "pairs.txt"):
+        assert (tmp_path / "cli" / name).is_file()
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "eval",
+                "--model",
+                str(setup / "model.safetensors"),
+                "--data",
+                str(setup / "shards"),
+                "--metrics",
+                "lpips",
+                "--out",
+                str(tmp_path / "none"),
+            ]
+        )
+    _, err = capsys.readouterr()
+    assert (
+        info.value.code == 2
+        and "midms weights add alexnet FILE" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    assert not (tmp_path / "none").exists()
+
+
+def test_reference_features_are_cached_per_data_pairs_and_network(setup, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from midms_cli.models.inception import FIDInceptionV3
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MIDMS_HOME", str(home))
+    torch.manual_seed(0)
+    state = {
+        k: (v.abs() + 0.5 if k.endswith("running_var") else v)
+        for k, v in FIDInceptionV3().state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    (home / "weights").mkdir(parents=True)
+    save_file(
+        state, str(home / "weights" / "inception-fid.safetensors"), metadata={"source_sha256": "cd" * 32}
+    )
+
+    def run(out):
+        return evaluate_model(
+            setup / "model.safetensors",
+            setup / "shards",
+            "val",
+            out,
+            ["fid"],
+            limit=2,
+            seed=0,
+            diversity=0,
+            report=lambda line: None,
+        )
+
+    first = run(tmp_path / "a")
+    assert sorted(first["results"]) == ["fid", "fid_exemplars"]
+    assert first["protocol"]["weights"] == {"inception-fid": "cd" * 32}
+    cached = sorted((home / "fid-stats").glob("*.safetensors"))
+    assert len(cached) == 2  # sources and exemplars
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    assert run(tmp_path / "b")["results"] == first["results"]
+    assert [path.stat().st_mtime_ns for path in cached] == stamps  # read, not rewritten
