@@ -114,7 +114,9 @@ class SamplingConfig:
 
 
 SAMPLING_BUNDLES: dict[str, dict[str, Any]] = {
-    "official": {"variant": "official", "grid": "official", "noise_offset": "previous", "mask_variant": "official"},
+    "official": {
+        "variant": "official", "grid": "official", "noise_offset": "previous", "mask_variant": "official"
+    },
     "corrected": {"variant": "corrected", "grid": "exact", "noise_offset": "same", "mask_variant": "cycle"},
 }
 
@@ -156,6 +158,7 @@ class TrainingConfig:
     milestones: tuple[int, ...] = (10, 12, 14, 24)  # epochs
     gamma: float = 0.3
     warmup_iters: int = 10_000
+    warmup_epochs: int = 0  # > 0: warm up for this many epochs instead (the paper's "first 2 epochs")
     max_iters: int = 0  # 0: run `epochs` epochs
     epochs: int = 4
     grad_accumulation: int = 1
@@ -237,7 +240,8 @@ def _paper_lsun() -> ModelConfig:
         name="paper-lsun",
         condition="ade20k",
         autoencoder=AutoencoderConfig(
-            kind="kl", embed_dim=4, z_channels=4, double_z=True, n_embed=0, ch_mult=(1, 2, 4, 4), posterior="sample"
+            kind="kl", embed_dim=4, z_channels=4, double_z=True, n_embed=0, ch_mult=(1, 2, 4, 4),
+            posterior="sample",
         ),
         unet=UNetConfig(
             image_size=32,
@@ -277,7 +281,9 @@ def _tiny() -> ModelConfig:
             num_heads=-1,
             num_head_channels=16,
         ),
-        correspondence=CorrespondenceConfig(channels=32, stem_channels=(16, 32, 64), trunk_blocks=2, spade_hidden=32),
+        correspondence=CorrespondenceConfig(
+            channels=32, stem_channels=(16, 32, 64), trunk_blocks=2, spade_hidden=32
+        ),
     )
     config.training = TrainingConfig(
         batch_size=8,
@@ -417,25 +423,33 @@ def validate(config: ModelConfig) -> None:
     for path, choices in _CHOICES.items():
         value = _get(config, path)
         _require(value in choices, path, f"{value!r} is not one of {', '.join(choices)}")
-    ae, unet, corr, s, t = config.autoencoder, config.unet, config.correspondence, config.sampling, config.training
+    ae, unet, corr = config.autoencoder, config.unet, config.correspondence
+    s, t = config.sampling, config.training
     _require(config.image_size > 0 and config.image_size % ae.downsample == 0, "image_size",
              f"must be a positive multiple of the autoencoder's downsampling factor {ae.downsample}")
     _require(unet.image_size == config.latent_size, "unet.image_size",
              f"must equal the latent size {config.latent_size} (image_size / {ae.downsample})")
-    _require(unet.in_channels == ae.embed_dim, "unet.in_channels", f"must equal autoencoder.embed_dim {ae.embed_dim}")
-    _require(unet.out_channels == ae.embed_dim, "unet.out_channels", f"must equal autoencoder.embed_dim {ae.embed_dim}")
+    for field_name in ("in_channels", "out_channels"):
+        _require(getattr(unet, field_name) == ae.embed_dim, f"unet.{field_name}",
+                 f"must equal autoencoder.embed_dim {ae.embed_dim}")
     _require(unet.num_heads > 0 or unet.num_head_channels > 0, "unet.num_heads",
              "set num_heads or num_head_channels to a positive value")
-    _require(len(ae.ch_mult) >= 1 and all(m > 0 for m in ae.ch_mult), "autoencoder.ch_mult", "positive integers")
-    _require(ae.kind != "vq" or ae.n_embed > 0, "autoencoder.n_embed", "must be positive for a VQ autoencoder")
+    _require(len(ae.ch_mult) >= 1 and all(m > 0 for m in ae.ch_mult), "autoencoder.ch_mult",
+             "positive integers")
+    _require(ae.kind != "vq" or ae.n_embed > 0, "autoencoder.n_embed",
+             "must be positive for a VQ autoencoder")
     _require(len(unet.channel_mult) >= 1 and all(m > 0 for m in unet.channel_mult), "unet.channel_mult",
              "positive integers")
     _require(corr.cond_channels > 0, "correspondence.cond_channels", "must be positive")
     _require(corr.channels > 0 and corr.trunk_blocks >= 0, "correspondence.channels", "must be positive")
     _require(0.0 < config.diffusion.linear_start < config.diffusion.linear_end < 1.0, "diffusion.linear_end",
              "must satisfy 0 < linear_start < linear_end < 1")
-    _require(2 <= s.ddim_steps <= config.diffusion.timesteps, "sampling.ddim_steps",
-             f"must be between 2 and {config.diffusion.timesteps}")
+    # The shifted DDIM grids fit in the schedule up to T // 2 (official) or T - 1 (exact) steps.
+    most_steps = config.diffusion.timesteps // 2 if s.grid == "official" else config.diffusion.timesteps - 1
+    _require(2 <= s.ddim_steps <= most_steps, "sampling.ddim_steps",
+             f"must be between 2 and {most_steps} with the {s.grid} grid")
+    _require(2 <= s.refine_grid_steps <= most_steps, "sampling.refine_grid_steps",
+             f"must be between 2 and {most_steps} with the {s.grid} grid")
     _require(1 <= s.interleaved_steps <= s.ddim_steps - 1, "sampling.interleaved_steps",
              f"must be between 1 and ddim_steps - 1 = {s.ddim_steps - 1}")
     _require(all(0 < p < s.interleaved_steps - 1 for p in s.rewarp_positions), "sampling.rewarp_positions",
@@ -450,9 +464,11 @@ def validate(config: ModelConfig) -> None:
     _require(t.lr_correspondence >= 0 and t.lr_unet >= 0, "training.lr_correspondence", "must be >= 0")
     _require(0.0 <= t.ema_decay < 1.0, "training.ema_decay", "must be in [0, 1)")
     _require(t.nan_patience >= 1, "training.nan_patience", "must be >= 1")
+    _require(t.warmup_epochs >= 0, "training.warmup_epochs", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "training.keep_checkpoints", "must be >= 1")
     losses = t.losses
-    _require(len(losses.source_vgg_layers) == len(losses.source_vgg_weights), "training.losses.source_vgg_weights",
+    _require(len(losses.source_vgg_layers) == len(losses.source_vgg_weights),
+             "training.losses.source_vgg_weights",
              "needs one weight per layer in source_vgg_layers")
     _require(len(losses.contextual_layers) == len(losses.contextual_weights) == len(losses.contextual_pool),
              "training.losses.contextual_weights", "contextual_layers, _weights and _pool need equal lengths")

@@ -22,7 +22,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise MidmsError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
     index = int(match.group(1) or 0)
     if index >= torch.cuda.device_count():
-        raise MidmsError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise MidmsError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use --device cuda:0 or --device cpu"
+        )
     return torch.device("cuda", index)
 
 

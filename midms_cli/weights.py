@@ -163,6 +163,21 @@ REGISTRY: dict[str, Artefact] = {
             ),
         ),
         Artefact(
+            "vgg16",
+            "VGG16 ImageNet backbone of lpips-vgg",
+            "LPIPS (VGG variant)",
+            (
+                Source(
+                    "vgg16-397923af.pth",
+                    "torchvision-vgg16",
+                    "features.0.weight",
+                    url=_TORCHVISION + "vgg16-397923af.pth",
+                    sha256_prefix="397923af",
+                    origin="torchvision",
+                ),
+            ),
+        ),
+        Artefact(
             "openpose-body",
             "OpenPose body-25 COCO-18 keypoint network",
             "DeepFashion pose conditions",

@@ -12,6 +12,7 @@ import torch
 
 import midms_cli
 from midms_cli.cli.app import hoist_global_options, main
+from midms_cli.errors import MidmsError
 
 INFO_FIELDS = {
     "package", "version", "torch", "device", "cpu_threads", "cache_dir", "dataset_plugins", "weights",
@@ -75,3 +76,37 @@ def test_global_options_are_moved_before_the_command():
         "-vv", "--device", "cpu", "weights", "add", "NAME", "FILE"]
     assert hoist_global_options(["translate", "--device=cpu", "--", "--json"]) == [
         "--device=cpu", "translate", "--", "--json"]
+
+
+def test_a_multi_line_error_with_brackets_is_printed_as_one_literal_line(capsys, monkeypatch):
+    """Messages may embed third-party text: newlines are joined and [brackets] are not rich markup."""
+    from midms_cli.cli import info as info_module
+
+    def broken() -> None:
+        raise MidmsError("cannot load runs/[red]exp[/red]/model.safetensors:\n  key [unet.x] missing")
+
+    monkeypatch.setattr(info_module, "resolve_device", lambda name: broken())
+    code, out, err = _run_main(["info"], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "error: cannot load runs/[red]exp[/red]/model.safetensors: key [unet.x] missing"
+    ]
+
+
+def test_help_lists_every_command_with_a_summary(capsys):
+    code, out, err = _run_main(["--help"], capsys)
+    assert code == 0 and err == ""
+    for command in ("info", "datasets", "weights", "pretrain", "prepare", "train", "translate", "eval"):
+        line = next((line for line in out.splitlines() if line.strip("│ ").startswith(command + " ")), None)
+        assert line is not None and len(line.strip("│ ")) > len(command) + 5, f"{command} has no summary"
+    for option in ("--json", "--debug", "--verbose", "--device"):
+        assert option in out
+
+
+def test_info_and_datasets_print_text_without_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIDMS_HOME", "/tmp/midms-home")  # short: the table wraps long values at 80 columns
+    code, out, err = _run_main(["info"], capsys)
+    assert code == 0 and err == ""
+    assert "cache_dir" in out and "/tmp/midms-home" in out and not out.lstrip().startswith("{")
+    code, out, err = _run_main(["datasets"], capsys)
+    assert code == 0 and "synthfaces" in out and not out.lstrip().startswith("{")

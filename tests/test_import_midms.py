@@ -27,14 +27,6 @@ from midms_cli.pipelines.translate import load_midm
 NC, LATENT, CH, STEM, HIDDEN, BLOCKS = 15, 3, 16, (8, 16, 24), 8, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """Reading third-party weights uses scratch space in the cache: keep it out of the real home."""

@@ -17,15 +17,6 @@ from midms_cli.matching import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription when other suites share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def one_hot_features(targets: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(1, HW, H, W) features whose position p is the one-hot vector of exemplar position targets[p]."""
     n = height * width
@@ -96,6 +87,39 @@ def test_chunked_warp_gradients_equal_naive_gradients():
         )
     for ours, reference in zip(*grads, strict=True):
         assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_warp_and_mask_never_hold_more_than_a_chunk_of_correlation_rows(monkeypatch, with_grad):
+    """Linear memory: every softmax sees at most `chunk_size` query rows, and the full HW x HW
+    `correlation` is never built by the warp, the back-warp, the flows or the mask."""
+    import midms_cli.matching as matching
+
+    rows = []
+    original = matching._clamped_attention
+
+    def recording(queries, keys, values, tau):
+        rows.append((queries.shape[1], keys.shape[1]))
+        return original(queries, keys, values, tau)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the full correlation matrix was materialised")
+
+    monkeypatch.setattr(matching, "_clamped_attention", recording)
+    monkeypatch.setattr(matching, "correlation", forbidden)
+    torch.manual_seed(6)
+    f_x, f_y = torch.randn(1, 8, 6, 6, requires_grad=with_grad), torch.randn(1, 8, 6, 6)
+    value = torch.randn(1, 3, 6, 6)
+    with torch.set_grad_enabled(with_grad):
+        warped = matching.soft_warp(value, f_x, f_y, chunk_size=10)
+        matching.back_warp(warped, f_x, f_y, chunk_size=10)
+    if with_grad:
+        warped.sum().backward()  # checkpointed chunks are recomputed one at a time
+    matching.confidence_mask(f_x, f_y, "cycle", chunk_size=10)
+    assert rows and max(query_rows for query_rows, _ in rows) <= 10
+    assert all(key_rows == 36 for _, key_rows in rows)
+    # Each of the 36 query rows is covered exactly once per warp (2 warps, 2 flows, + recomputation).
+    assert sum(query_rows for query_rows, _ in rows) % 36 == 0
 
 
 def test_relu_clamp_differs_from_plain_attention():

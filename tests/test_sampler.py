@@ -16,15 +16,6 @@ from midms_cli.models.unet import UNetModel
 from midms_cli.sampler import translate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription when other suites share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CountingUNet(nn.Module):
     """Wraps a UNet and records the timestep of every call."""
 
@@ -78,14 +69,20 @@ def restore(model: MIDM) -> None:
 OFFICIAL_REFINE = list(range(96, 0, -5))
 
 
-def test_official_bundle_makes_4_interleaved_and_20_refinement_calls(model, inputs, monkeypatch):
-    noised_at = []
+@pytest.fixture()
+def noised_at(monkeypatch) -> list[int]:
+    """The timesteps at which the sampler q-samples (the initial noising and the refinement's)."""
+    seen: list[int] = []
     real_q_sample = midm_module.q_sample
     monkeypatch.setattr(
         midm_module,
         "q_sample",
-        lambda x0, t, noise, table: (noised_at.append(int(t)), real_q_sample(x0, t, noise, table))[1],
+        lambda x0, t, noise, table: (seen.append(int(t)), real_q_sample(x0, t, noise, table))[1],
     )
+    return seen
+
+
+def test_official_bundle_makes_4_interleaved_and_20_refinement_calls(model, inputs, noised_at):
     unet = counting(model)
     try:
         result = translate(model, *inputs, generator=torch.Generator().manual_seed(0), capture=True)
@@ -99,15 +96,8 @@ def test_official_bundle_makes_4_interleaved_and_20_refinement_calls(model, inpu
     assert float(result.image.abs().max()) <= 1.0
 
 
-def test_corrected_bundle_visits_the_exact_grid_and_noises_at_the_first_step(model, inputs, monkeypatch):
+def test_corrected_bundle_visits_the_exact_grid_and_noises_at_the_first_step(model, inputs, noised_at):
     sampling = dataclasses.replace(apply_sampling_variant(model.config.sampling, "corrected"), refine="none")
-    noised_at = []
-    real_q_sample = midm_module.q_sample
-    monkeypatch.setattr(
-        midm_module,
-        "q_sample",
-        lambda x0, t, noise, table: (noised_at.append(int(t)), real_q_sample(x0, t, noise, table))[1],
-    )
     unet = counting(model)
     try:
         translate(model, *inputs, sampling=sampling, generator=torch.Generator().manual_seed(0))

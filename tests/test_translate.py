@@ -21,15 +21,6 @@ from midms_cli.pipelines.translate import load_midm, resolve_model_file, samplin
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription when other suites share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def micro_config(condition: str = "canny", channels: int = 1):
     """32 px images, 8x8 latents, narrow nets; the official sampler settings."""
     config = preset("tiny")
@@ -312,3 +303,35 @@ def test_a_run_directory_resolves_to_its_latest_checkpoint(files, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MidmsError, match="without checkpoints"):
         resolve_model_file(tmp_path / "empty")
+
+
+def test_a_finished_run_resolves_to_its_final_model_unless_resumed_since(files, tmp_path):
+    """The final model.safetensors holds the EMA weights when EMA is on: a finished run's model is
+    that file, not the raw last checkpoint; checkpoints written after it (a resumed run) win."""
+    import os
+
+    model = load_midm(files / "model.safetensors")
+    run_dir = RunDir(tmp_path / "run", keep=2)
+    checkpoint = run_dir.save(10, model.modules_to_save(), model.config)
+    final = tmp_path / "run" / "model.safetensors"
+    save_midm(final, model)
+    os.utime(checkpoint, ns=(1_000_000_000, 1_000_000_000))
+    os.utime(final, ns=(2_000_000_000, 2_000_000_000))
+    assert resolve_model_file(tmp_path / "run") == final
+    os.utime(checkpoint, ns=(3_000_000_000, 3_000_000_000))
+    assert resolve_model_file(tmp_path / "run") == checkpoint
+
+
+def test_a_bad_file_late_in_a_batch_fails_before_any_output(files, tmp_path, capsys):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(
+        f"{files / 'cond.png'} {files / 'ref.png'}\n{files / 'cond.png'} {files / 'notimage.png'}\n"
+    )
+    out_dir = tmp_path / "batch"
+    code, _, err = run(
+        ["translate", "--pairs", str(pairs), "--out-dir", str(out_dir),
+         "--model", str(files / "model.safetensors")],
+        capsys,
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "notimage.png" in err, err
+    assert not out_dir.exists()

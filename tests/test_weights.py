@@ -78,9 +78,14 @@ def pin_checksum(monkeypatch, name: str, digest: str, url: str | None = None) ->
 def test_list_shows_every_artefact_and_where_it_was_looked_for(capsys, cache):
     code, out, _ = run(capsys, "weights", "list")
     assert code == 0
-    for name in ["vgg19", "inception-fid", "lpips-vgg", "lpips-alex", "alexnet", "openpose-body",
-                 "swin-s-ade20k", "ldm-celeba256", "ldm-lsun-churches", "vq-f4", "kl-f8"]:
+    # The artefacts are all registered, and every registered one is listed with its path.
+    assert {"vgg19", "inception-fid", "lpips-vgg", "lpips-alex", "alexnet", "ldm-celeba256",
+            "ldm-lsun-churches", "vq-f4", "kl-f8"} <= set(weights.REGISTRY)
+    for name, entry in weights.REGISTRY.items():
+        assert f"{name}  missing" in out
         assert f"looked for {cache / 'weights' / name}.safetensors" in out
+        for source in entry.sources:
+            assert f"file {source.filename}" in out
     assert "vgg19-dcbb9e9d.pth" in out and "vgg19_conv.pth" in out
     assert "not published" in out
 

@@ -7,15 +7,16 @@ import sys
 import traceback
 
 import typer
+from rich.markup import escape
 
-from midms_cli.cli import import_ldm as import_ldm_commands
-from midms_cli.cli import import_midms as import_midms_commands
 from midms_cli.cli import demo as demo_commands
 from midms_cli.cli import eval as eval_commands
+from midms_cli.cli import import_ldm as import_ldm_commands
+from midms_cli.cli import import_midms as import_midms_commands
 from midms_cli.cli import info as info_commands
+from midms_cli.cli import prepare as prepare_commands
 from midms_cli.cli import train as train_commands
 from midms_cli.cli import translate as translate_commands
-from midms_cli.cli import prepare as prepare_commands
 from midms_cli.cli import weights as weights_commands
 from midms_cli.cli.state import STATE, err_console
 from midms_cli.errors import MidmsError
@@ -32,9 +33,13 @@ app = typer.Typer(
 
 @app.callback()
 def _global_options(
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of text."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout instead of text."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log lines on stderr (repeatable)."),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More log lines on stderr (repeatable)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     STATE.json = json_output
@@ -90,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     except MidmsError as exc:
         if debug:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        # One line whatever the message embeds (e.g. a third-party exception's multi-line text);
+        # escaped so that brackets in paths or values are printed, not read as rich markup.
+        message = escape(" ".join(str(exc).split()))
+        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         else:
             err_console.print(
-                f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))} "
+                "(run with --debug for the traceback)",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -8,11 +8,12 @@ final model.safetensors); running it again on the same directory resumes exactly
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -32,6 +33,75 @@ _PRESET_HELP = f"Model preset: {', '.join(PRESETS)}."
 _RUN = "Run"
 _OPT = "Optimisation"
 _LOG = "Logging and checkpoints"
+
+# Options shared by several commands, declared once (type + typer.Option); defaults stay in the
+# signatures. None means "keep the value of the preset or config".
+Data = Annotated[
+    Path, typer.Option("--data", help="Prepared shards (midms prepare ... --out DIR).", rich_help_panel=_RUN)
+]
+Out = Annotated[
+    Path, typer.Option("--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN)
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed (default 2021).", rich_help_panel=_RUN)]
+Workers = Annotated[
+    int, typer.Option("--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN)
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config JSON and stop.")]
+Trace = Annotated[bool, typer.Option("--trace", hidden=True)]
+# pretrain autoencoder | diffusion (defaults from PretrainConfig)
+PretrainIters = Annotated[
+    int | None, typer.Option("--iters", min=1, help="Optimizer steps (default 2000).", rich_help_panel=_OPT)
+]
+PretrainBatch = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, help="Batch per process (default 8).", rich_help_panel=_OPT),
+]
+PretrainLr = Annotated[
+    float | None, typer.Option("--lr", help="AdamW learning rate (default 2e-4).", rich_help_panel=_OPT)
+]
+PretrainCheckpointEvery = Annotated[
+    int | None,
+    typer.Option(
+        "--checkpoint-every", min=1, rich_help_panel=_LOG, help="Steps between checkpoints (default 500)."
+    ),
+]
+PretrainSampleEvery = Annotated[
+    int | None,
+    typer.Option(
+        "--sample-every",
+        min=0,
+        rich_help_panel=_LOG,
+        help="Steps between sample grids (default 250; 0: only at the end).",
+    ),
+]
+# warmup | train (defaults from the preset's or config's training block)
+Preset = Annotated[str, typer.Option("--preset", help=_PRESET_HELP, rich_help_panel=_RUN)]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", help="A full config JSON instead of --preset.", rich_help_panel=_RUN),
+]
+BatchSize = Annotated[
+    int | None, typer.Option("--batch-size", min=1, help="Batch per process.", rich_help_panel=_OPT)
+]
+FeatureNet = Annotated[
+    str | None,
+    typer.Option(
+        "--feature-net", help="Loss features: vgg19 (needs weights) or first-stage.", rich_help_panel=_OPT
+    ),
+]
+GradClip = Annotated[
+    float | None, typer.Option("--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel=_OPT)
+]
+CheckpointEvery = Annotated[
+    int | None,
+    typer.Option("--checkpoint-every", min=1, rich_help_panel=_LOG, help="Steps between checkpoints."),
+]
+SampleEvery = Annotated[
+    int | None,
+    typer.Option(
+        "--sample-every", min=0, rich_help_panel=_LOG, help="Steps between sample grids (0: only at the end)."
+    ),
+]
 
 
 def _command_line() -> str:
@@ -69,6 +139,33 @@ def _emit_result(result: LoopResult, out: Path, what: str) -> None:
     else:
         human = f"{what} finished at step {result.step}: {result.final_model}"
     emit(record, human)
+
+
+def _run_training(
+    what: str,
+    run: Callable[..., LoopResult],
+    data: Path,
+    out: Path,
+    workers: int,
+    trace: bool,
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    """run(data, out, *args, **kwargs) with the CLI's device, workers and provenance, in the
+    torchrun process group when there is one; rank 0 reports the result."""
+    with _process_group():
+        result = run(
+            data,
+            out,
+            *args,
+            device_name=STATE.device,
+            num_workers=workers,
+            extra={"command": _command_line()},
+            trace=trace,
+            progress=not STATE.json,
+            **kwargs,
+        )
+        _emit_result(result, out, what)
 
 
 def _override(config: ModelConfig, **values: Any) -> ModelConfig:
@@ -115,41 +212,18 @@ def _pretrain(
     if dry_run:
         _print_config(pipeline.run_config(model, config, data, {"command": _command_line()}))
         return
-    with _process_group():
-        result = pipeline.pretrain(
-            kind,
-            data,
-            out,
-            model,
-            config,
-            autoencoder=autoencoder,
-            device_name=STATE.device,
-            num_workers=workers,
-            extra={"command": _command_line()},
-            trace=trace,
-            progress=not STATE.json,
-        )
-        _emit_result(result, out, f"pretrain {kind}")  # inside: only rank 0 prints
+    run = functools.partial(pipeline.pretrain, kind)
+    _run_training(f"pretrain {kind}", run, data, out, workers, trace, model, config, autoencoder=autoencoder)
 
 
 @pretrain_app.command("autoencoder")
 def pretrain_autoencoder(
-    data: Path = typer.Option(
-        ..., "--data", help="Prepared shards (midms prepare ... --out DIR).", rich_help_panel=_RUN
-    ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
-    ),
-    preset_name: str = typer.Option("tiny", "--preset", help=_PRESET_HELP, rich_help_panel=_RUN),
-    iters: int | None = typer.Option(
-        None, "--iters", min=1, help="Optimizer steps (default 2000).", rich_help_panel=_OPT
-    ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1, help="Batch per process (default 8).", rich_help_panel=_OPT
-    ),
-    lr: float | None = typer.Option(
-        None, "--lr", help="AdamW learning rate (default 2e-4).", rich_help_panel=_OPT
-    ),
+    data: Data,
+    out: Out,
+    preset_name: Preset = "tiny",
+    iters: PretrainIters = None,
+    batch_size: PretrainBatch = None,
+    lr: PretrainLr = None,
     reconstruction: str | None = typer.Option(
         None, "--reconstruction", help="l1 or mse (default l1).", rich_help_panel=_OPT
     ),
@@ -159,26 +233,12 @@ def pretrain_autoencoder(
         help="Weight of a VGG19 r42 L1 term (default 0; > 0 needs `midms weights add vgg19 ...`).",
         rich_help_panel=_OPT,
     ),
-    checkpoint_every: int | None = typer.Option(
-        None,
-        "--checkpoint-every",
-        min=1,
-        rich_help_panel=_LOG,
-        help="Steps between checkpoints (default 500).",
-    ),
-    sample_every: int | None = typer.Option(
-        None,
-        "--sample-every",
-        min=0,
-        rich_help_panel=_LOG,
-        help="Steps between sample grids (default 250; 0: only at the end).",
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed (default 2021).", rich_help_panel=_RUN),
-    workers: int = typer.Option(
-        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
-    trace: bool = typer.Option(False, "--trace", hidden=True),
+    checkpoint_every: PretrainCheckpointEvery = None,
+    sample_every: PretrainSampleEvery = None,
+    seed: Seed = None,
+    workers: Workers = 0,
+    dry_run: DryRun = False,
+    trace: Trace = False,
 ) -> None:
     """Pretrain the autoencoder (first stage): reconstruction + codebook/commitment (or KL) losses.
 
@@ -196,51 +256,30 @@ def pretrain_autoencoder(
 
 @pretrain_app.command("diffusion")
 def pretrain_diffusion(
-    data: Path = typer.Option(..., "--data", help="Prepared shards.", rich_help_panel=_RUN),
-    autoencoder: Path = typer.Option(
-        ..., "--autoencoder", help="Autoencoder run directory or ldm file.", rich_help_panel=_RUN
-    ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
-    ),
+    data: Data,
+    autoencoder: Annotated[
+        Path,
+        typer.Option("--autoencoder", help="Autoencoder run directory or ldm file.", rich_help_panel=_RUN),
+    ],
+    out: Out,
     preset_name: str = typer.Option(
         "tiny", "--preset", help=_PRESET_HELP + " (its UNet is trained).", rich_help_panel=_RUN
     ),
-    iters: int | None = typer.Option(
-        None, "--iters", min=1, help="Optimizer steps (default 2000).", rich_help_panel=_OPT
-    ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1, help="Batch per process (default 8).", rich_help_panel=_OPT
-    ),
-    lr: float | None = typer.Option(
-        None, "--lr", help="AdamW learning rate (default 2e-4).", rich_help_panel=_OPT
-    ),
+    iters: PretrainIters = None,
+    batch_size: PretrainBatch = None,
+    lr: PretrainLr = None,
     ema_decay: float | None = typer.Option(
         None,
         "--ema-decay",
         help="EMA of the UNet, exported as the final weights (default 0: off).",
         rich_help_panel=_OPT,
     ),
-    checkpoint_every: int | None = typer.Option(
-        None,
-        "--checkpoint-every",
-        min=1,
-        rich_help_panel=_LOG,
-        help="Steps between checkpoints (default 500).",
-    ),
-    sample_every: int | None = typer.Option(
-        None,
-        "--sample-every",
-        min=0,
-        rich_help_panel=_LOG,
-        help="Steps between sample grids (default 250; 0: only at the end).",
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed (default 2021).", rich_help_panel=_RUN),
-    workers: int = typer.Option(
-        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
-    trace: bool = typer.Option(False, "--trace", hidden=True),
+    checkpoint_every: PretrainCheckpointEvery = None,
+    sample_every: PretrainSampleEvery = None,
+    seed: Seed = None,
+    workers: Workers = 0,
+    dry_run: DryRun = False,
+    trace: Trace = False,
 ) -> None:
     """Pretrain an unconditional latent diffusion UNet (ε-prediction MSE) on a frozen autoencoder.
 
@@ -279,54 +318,36 @@ def _dry_run(model: ModelConfig, phase: str, data: Path, extra: dict[str, Any]) 
 
 
 def warmup_command(
-    data: Path = typer.Option(..., "--data", help="Prepared shards.", rich_help_panel=_RUN),
-    base: Path = typer.Option(
-        ...,
-        "--base",
-        help="LDM file (midms weights import-ldm) or pretrain diffusion run.",
-        rich_help_panel=_RUN,
-    ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
-    ),
-    preset_name: str = typer.Option("tiny", "--preset", help=_PRESET_HELP, rich_help_panel=_RUN),
-    config_file: Path | None = typer.Option(
-        None, "--config", help="A full config JSON instead of --preset.", rich_help_panel=_RUN
-    ),
+    data: Data,
+    base: Annotated[
+        Path,
+        typer.Option(
+            "--base",
+            help="LDM file (midms weights import-ldm) or pretrain diffusion run.",
+            rich_help_panel=_RUN,
+        ),
+    ],
+    out: Out,
+    preset_name: Preset = "tiny",
+    config_file: ConfigFile = None,
     iters: int | None = typer.Option(
         None, "--iters", min=1, help="Warm-up steps (preset: training.warmup_iters).", rich_help_panel=_OPT
     ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1, help="Batch per process.", rich_help_panel=_OPT
+    epochs: int | None = typer.Option(
+        None, "--epochs", min=1, help="Warm up for this many epochs instead of --iters.", rich_help_panel=_OPT
     ),
+    batch_size: BatchSize = None,
     lr: float | None = typer.Option(
         None, "--lr", help="Learning rate of the correspondence networks.", rich_help_panel=_OPT
     ),
-    feature_net: str | None = typer.Option(
-        None,
-        "--feature-net",
-        help="Loss features: vgg19 (needs weights) or first-stage.",
-        rich_help_panel=_OPT,
-    ),
-    grad_clip: float | None = typer.Option(
-        None, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel=_OPT
-    ),
-    checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", min=1, rich_help_panel=_LOG, help="Steps between checkpoints."
-    ),
-    sample_every: int | None = typer.Option(
-        None,
-        "--sample-every",
-        min=0,
-        rich_help_panel=_LOG,
-        help="Steps between sample grids (0: only at the end).",
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed.", rich_help_panel=_RUN),
-    workers: int = typer.Option(
-        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
-    trace: bool = typer.Option(False, "--trace", hidden=True),
+    feature_net: FeatureNet = None,
+    grad_clip: GradClip = None,
+    checkpoint_every: CheckpointEvery = None,
+    sample_every: SampleEvery = None,
+    seed: Seed = None,
+    workers: Workers = 0,
+    dry_run: DryRun = False,
+    trace: Trace = False,
 ) -> None:
     """Warm up the correspondence networks with the diffusion UNet frozen (spec 2.1).
 
@@ -334,6 +355,7 @@ def warmup_command(
     """
     overrides = {
         "warmup_iters": iters,
+        "warmup_epochs": epochs,
         "batch_size": batch_size,
         "lr_correspondence": lr,
         "feature_net": feature_net,
@@ -348,26 +370,12 @@ def warmup_command(
         return
     from midms_cli.pipelines import train as pipeline
 
-    with _process_group():
-        result = pipeline.warmup(
-            data,
-            out,
-            model,
-            base,
-            device_name=STATE.device,
-            num_workers=workers,
-            extra={"command": _command_line()},
-            trace=trace,
-            progress=not STATE.json,
-        )
-        _emit_result(result, out, "warm-up")  # inside: only rank 0 prints
+    _run_training("warm-up", pipeline.warmup, data, out, workers, trace, model, base)
 
 
 def train_command(
-    data: Path = typer.Option(..., "--data", help="Prepared shards.", rich_help_panel=_RUN),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Run directory (resumed when it exists).", rich_help_panel=_RUN
-    ),
+    data: Data,
+    out: Out,
     init: Path | None = typer.Option(
         None, "--init", help="Warm-up run (or midms file) to start from.", rich_help_panel=_RUN
     ),
@@ -377,10 +385,8 @@ def train_command(
         help="Without --init: LDM file or pretrain run; the warm-up runs first into OUT/warmup.",
         rich_help_panel=_RUN,
     ),
-    preset_name: str = typer.Option("tiny", "--preset", help=_PRESET_HELP, rich_help_panel=_RUN),
-    config_file: Path | None = typer.Option(
-        None, "--config", help="A full config JSON instead of --preset.", rich_help_panel=_RUN
-    ),
+    preset_name: Preset = "tiny",
+    config_file: ConfigFile = None,
     iters: int | None = typer.Option(
         None,
         "--iters",
@@ -391,9 +397,10 @@ def train_command(
     warmup_iters: int | None = typer.Option(
         None, "--warmup-iters", min=0, help="Warm-up steps.", rich_help_panel=_OPT
     ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1, help="Batch per process.", rich_help_panel=_OPT
+    warmup_epochs: int | None = typer.Option(
+        None, "--warmup-epochs", min=1, help="Warm-up epochs instead of --warmup-iters.", rich_help_panel=_OPT
     ),
+    batch_size: BatchSize = None,
     lr_correspondence: float | None = typer.Option(
         None,
         "--lr-correspondence",
@@ -406,9 +413,7 @@ def train_command(
     grad_accumulation: int | None = typer.Option(
         None, "--grad-accumulation", min=1, rich_help_panel=_OPT, help="Micro-batches per optimizer step."
     ),
-    grad_clip: float | None = typer.Option(
-        None, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel=_OPT
-    ),
+    grad_clip: GradClip = None,
     ema_decay: float | None = typer.Option(
         None, "--ema-decay", help="EMA of the trained weights (0: off).", rich_help_panel=_OPT
     ),
@@ -421,28 +426,13 @@ def train_command(
         rich_help_panel=_OPT,
         help="Recompute UNet activations in the backward pass (less memory, more time).",
     ),
-    feature_net: str | None = typer.Option(
-        None,
-        "--feature-net",
-        help="Loss features: vgg19 (needs weights) or first-stage.",
-        rich_help_panel=_OPT,
-    ),
-    checkpoint_every: int | None = typer.Option(
-        None, "--checkpoint-every", min=1, rich_help_panel=_LOG, help="Steps between checkpoints."
-    ),
-    sample_every: int | None = typer.Option(
-        None,
-        "--sample-every",
-        min=0,
-        rich_help_panel=_LOG,
-        help="Steps between sample grids (0: only at the end).",
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed.", rich_help_panel=_RUN),
-    workers: int = typer.Option(
-        0, "--workers", min=0, help="DataLoader workers per process.", rich_help_panel=_RUN
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config JSON and stop."),
-    trace: bool = typer.Option(False, "--trace", hidden=True),
+    feature_net: FeatureNet = None,
+    checkpoint_every: CheckpointEvery = None,
+    sample_every: SampleEvery = None,
+    seed: Seed = None,
+    workers: Workers = 0,
+    dry_run: DryRun = False,
+    trace: Trace = False,
 ) -> None:
     """Train MIDMs end to end: the interleaved loop unrolled with gradients (spec 2.2).
 
@@ -451,6 +441,7 @@ def train_command(
     overrides = {
         "max_iters": iters,
         "warmup_iters": warmup_iters,
+        "warmup_epochs": warmup_epochs,
         "batch_size": batch_size,
         "lr_correspondence": lr_correspondence,
         "lr_unet": lr_unet,
@@ -472,20 +463,7 @@ def train_command(
         return
     from midms_cli.pipelines import train as pipeline
 
-    with _process_group():
-        result = pipeline.train(
-            data,
-            out,
-            model,
-            init=init,
-            base=base,
-            device_name=STATE.device,
-            num_workers=workers,
-            extra={"command": _command_line()},
-            trace=trace,
-            progress=not STATE.json,
-        )
-        _emit_result(result, out, "training")  # inside: only rank 0 prints
+    _run_training("training", pipeline.train, data, out, workers, trace, model, init=init, base=base)
 
 
 def register(app: typer.Typer) -> None:

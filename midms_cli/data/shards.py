@@ -20,7 +20,6 @@ its samples: a resumed or re-run preparation reproduces the same sha256.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -37,9 +36,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from midms_cli.atomic import atomic_path
+from midms_cli.atomic import atomic_path, write_text
 from midms_cli.data.plugin import Sample, check_key
 from midms_cli.errors import MidmsError
+from midms_cli.weights import sha256_file
 
 SHARD_FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -133,14 +133,6 @@ class ShardInfo:
         return {"name": self.name, "count": self.count, "sha256": self.sha256, "bytes": self.bytes}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo:
     """Write `samples` to one tar under a temporary name, then rename: a shard is whole or absent."""
     path = Path(path)
@@ -155,12 +147,10 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> ShardInfo
                     count += 1
             finally:  # also on failure, so the tar stream never writes into a closed file later
                 writer.close()
-    return ShardInfo(path.name, count, file_sha256(path), path.stat().st_size)
+    return ShardInfo(path.name, count, sha256_file(path), path.stat().st_size)
 
 
 def write_index(directory: str | os.PathLike, index: dict[str, Any]) -> None:
-    from midms_cli.atomic import write_text
-
     write_text(Path(directory) / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -258,7 +248,7 @@ def check_shards(
             problem = "missing"
         elif path.stat().st_size != entry.get("bytes", path.stat().st_size):
             problem = f"size {path.stat().st_size} != {entry['bytes']} in index.json"
-        elif verify and file_sha256(path) != entry.get("sha256"):
+        elif verify and sha256_file(path) != entry.get("sha256"):
             problem = "sha256 differs from index.json"
         if problem is None:
             good.append(path)
@@ -496,6 +486,8 @@ def make_loader(
     Splits shards by node (rank, world_size: default from torch.distributed or RANK/WORLD_SIZE) and by
     DataLoader worker. Missing or truncated shards are reported by name and skipped (count in
     `loader.skipped_shards`; read-time corruption is reported by the worker) or raise with strict.
+    resample=False needs at least one shard per rank (else MidmsError); a DataLoader worker left
+    without a shard just ends its share at once, so fewer shards than workers never hangs.
     crop / flip: spec 3.1 augmentation (`crop_and_flip`), e.g. shards prepared at 286 px, crop=256.
     """
     if batch_size < 1:
@@ -507,6 +499,12 @@ def make_loader(
     shards = check_shards(root, split, strict=strict, report=report, stats=stats)
     if not shards:
         raise MidmsError(f"no readable shards in {Path(root) / split}; re-run `midms prepare`")
+    if not resample and len(shards) < world:
+        # One pass splits whole shards by rank: a rank without a shard would read nothing at all.
+        raise MidmsError(
+            f"{Path(root) / split} has {len(shards)} readable shard(s) for {world} processes; each "
+            "process needs one: re-run `midms prepare` with a smaller --shard-size, or use fewer processes"
+        )
     stream = ShardStream(
         shards,
         shuffle=shuffle,

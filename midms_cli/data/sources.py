@@ -61,14 +61,17 @@ def load_photo(path: Path, size: int, mode: str = "bicubic") -> torch.Tensor:
 
 
 def list_photos(folder: Path, suffixes: tuple[str, ...] = PHOTO_SUFFIXES) -> list[str]:
-    """Photo files under `folder` (recursive), as sorted POSIX paths relative to it."""
+    """Photo files under `folder` (recursive), as sorted POSIX paths relative to it; none is an error."""
     if not folder.is_dir():
         raise MidmsError(f"folder not found: {folder}")
-    return sorted(
+    photos = sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
         if p.suffix.lower() in suffixes and p.is_file()
     )
+    if not photos:
+        raise MidmsError(f"no photos ({', '.join(suffixes)}) under {folder}; check --source")
+    return photos
 
 
 def read_split_list(path: Path) -> list[str]:

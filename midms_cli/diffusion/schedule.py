@@ -38,13 +38,19 @@ def ddim_timesteps(num_steps: int, timesteps: int = 1000, grid: str = "official"
     "exact": exactly S points, floor(i·T / S) + 1 for i = 0..S−1 — evenly spaced to within one
     timestep, and identical to "official" whenever S divides T.
     """
-    if num_steps < 1 or num_steps > timesteps:
-        raise ConfigError(f"ddim steps must be between 1 and {timesteps}, got {num_steps}")
+    if grid not in GRIDS:
+        raise ConfigError(f"unknown DDIM grid {grid!r}; choose one of: {', '.join(GRIDS)}")
+    # The "+ 1" shift puts the last point past the table (index T) when the stride is 1, so the
+    # official grid takes at most T // 2 steps and the exact one at most T - 1.
+    most = timesteps // 2 if grid == "official" else timesteps - 1
+    if num_steps < 1 or num_steps > most:
+        raise ConfigError(
+            f"ddim steps must be between 1 and {most} for the {grid} grid of {timesteps} timesteps, "
+            f"got {num_steps}; choose fewer steps"
+        )
     if grid == "official":
         return torch.arange(0, timesteps, timesteps // num_steps, dtype=torch.long) + 1
-    if grid == "exact":
-        return torch.arange(num_steps, dtype=torch.long) * timesteps // num_steps + 1
-    raise ConfigError(f"unknown DDIM grid {grid!r}; choose one of: {', '.join(GRIDS)}")
+    return torch.arange(num_steps, dtype=torch.long) * timesteps // num_steps + 1
 
 
 def ddim_alpha_pairs(table: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:

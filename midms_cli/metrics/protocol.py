@@ -74,22 +74,14 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_hashes(names: Iterable[str]) -> dict[str, str]:
     """The sha256 of the original file each registered weight was added from (or of the stored file)."""
-    from midms_cli.weights import require_weight, weight_metadata
+    from midms_cli.weights import require_weight, sha256_file, weight_metadata
 
     hashes = {}
     for name in sorted(set(names)):
         metadata = weight_metadata(name)
-        hashes[name] = metadata.get("source_sha256") or file_sha256(require_weight(name))
+        hashes[name] = metadata.get("source_sha256") or sha256_file(require_weight(name))
     return hashes
 
 

@@ -64,7 +64,11 @@ class MetricSuite:
                 loaded = load_statistics(entry.path, entry.key)
                 if loaded is not None:
                     self.cached[name] = loaded
-        self.swd_sets = {name: DescriptorSet(self.resolution, self.seed) for name in ("output", "source")}
+        self.swd_sets = (
+            {name: DescriptorSet(self.resolution, self.seed) for name in ("output", "source")}
+            if "swd" in self.metrics
+            else {}
+        )
         self.oracle = {kind: OracleAccumulator(self.part_names) for kind in ("output", "warp")}
         self.diversity = DiversityAccumulator()
         self.style: StyleAccumulator | None = None

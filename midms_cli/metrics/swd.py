@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from midms_cli.errors import MidmsError
+
 NEIGHBOURHOOD = 7  # 7x7 patches
 DESCRIPTORS_PER_IMAGE = 128
 DIRECTION_REPEATS = 4
@@ -137,7 +139,10 @@ class DescriptorSet:
     def __post_init__(self) -> None:
         self.resolutions = pyramid_levels(self.resolution)
         if not self.resolutions:
-            raise ValueError(f"SWD needs images of at least {MIN_RESOLUTION} px, got {self.resolution}")
+            raise MidmsError(
+                f"SWD needs images of at least {MIN_RESOLUTION} px, got {self.resolution}; "
+                "evaluate larger images or leave swd out of --metrics"
+            )
         self.levels = [[] for _ in self.resolutions]
         self.generator = torch.Generator().manual_seed(self.seed)
 

@@ -19,8 +19,14 @@ VQ_BETA = 0.25
 
 
 def swish(x: Tensor) -> Tensor:
-    """x·σ(x), the first stage's nonlinearity."""
-    return x * torch.sigmoid(x)
+    """x·σ(x), the first stage's nonlinearity (one fused kernel: at 256 px every activation
+    tensor is tens of MB, so a two-op version doubles the memory traffic)."""
+    return F.silu(x)
+
+
+def param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in: that of its parameters (float32 unless converted)."""
+    return next(module.parameters()).dtype
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -241,20 +247,32 @@ class VQAutoencoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Image in [-1, 1] -> continuous latent (VQModelInterface.encode, spec 1.1), times scale_factor."""
-        return self.quant_conv(self.encoder(x)) * self.config.scale_factor
+        """Image in [-1, 1] -> continuous latent (VQModelInterface.encode, spec 1.1), times scale_factor.
+
+        Runs in the parameters' dtype; the latent is returned in x's dtype.
+        """
+        z = self.quant_conv(self.encoder(x.to(param_dtype(self))))
+        return z.to(x.dtype) * self.config.scale_factor
 
     def quantize_latent(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(straight-through quantised latent, VQ loss) of a latent in encode()'s scale."""
-        return self.quantize(z / self.config.scale_factor)
+        """(straight-through quantised latent, VQ loss) of a latent in encode()'s scale.
+
+        The nearest-code search runs in float32 whatever the model's dtype: rounding the latent
+        or the codebook to bfloat16 would change which code is picked.
+        """
+        z = z.float() / self.config.scale_factor
+        return vector_quantize(z, self.quantize.embedding.weight.float(), self.quantize.beta)
 
     def decode_quantized(self, z_q: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z_q))
+        return self.decoder(self.post_quant_conv(z_q.to(param_dtype(self))))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latent -> image: quantise (straight-through), post_quant_conv, decoder (spec 1.2)."""
+        """Latent -> image: quantise (straight-through), post_quant_conv, decoder (spec 1.2).
+
+        Runs in the parameters' dtype; the image is returned in z's dtype.
+        """
         z_q, _ = self.quantize_latent(z)
-        return self.decode_quantized(z_q)
+        return self.decode_quantized(z_q).to(z.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Reconstruction and the VQ loss, for pretraining the first stage."""
@@ -281,7 +299,8 @@ class KLAutoencoder(nn.Module):
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log-variance) of q(z|x); log-variance clamped to [-30, 20] as the original."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        moments = self.quant_conv(self.encoder(x.to(param_dtype(self)))).to(x.dtype)
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -293,7 +312,9 @@ class KLAutoencoder(nn.Module):
         return z * self.config.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z / self.config.scale_factor))
+        """Latent -> image in the parameters' dtype, returned in z's dtype."""
+        image = self.decoder(self.post_quant_conv((z / self.config.scale_factor).to(param_dtype(self))))
+        return image.to(z.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Reconstruction from a posterior sample and the KL term, for pretraining."""

@@ -40,7 +40,13 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # The CPU kernel takes bfloat16 input with float32 parameters and accumulates in float32:
+            # the same arithmetic without two full-size dtype copies of the activation.
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class TimestepBlock(nn.Module):
@@ -140,8 +146,12 @@ def legacy_qkv_attention(qkv: Tensor, num_heads: int) -> Tensor:
     """
     batch, width, length = qkv.shape
     head_dim = width // (3 * num_heads)
-    q, k, v = qkv.reshape(batch, num_heads, 3 * head_dim, length).split(head_dim, dim=2)  # (B, h, d, T) each
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    # One transposing copy to (B, h, T, 3d) makes q, k, v views with unit stride in the feature
+    # dimension, which the fused (flash) CPU kernel requires; strided views fall back to the
+    # unfused math path (several full T x T temporaries per head).
+    tokens = qkv.reshape(batch, num_heads, 3 * head_dim, length).transpose(-1, -2).contiguous()
+    q, k, v = tokens.split(head_dim, dim=-1)  # (B, h, T, d) each
+    out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(batch, num_heads * head_dim, length)
 
 
@@ -231,18 +241,23 @@ class UNetModel(nn.Module):
         )
 
     def forward(self, x: Tensor, timesteps: Tensor | int) -> Tensor:
-        """ε prediction; `timesteps` is (B,) or one timestep for the whole batch."""
+        """ε prediction; `timesteps` is (B,) or one timestep for the whole batch.
+
+        The network runs in its parameters' dtype (a bfloat16 copy made with `.to(torch.bfloat16)`
+        is a drop-in replacement) and ε is returned in x's dtype, so samplers keep float32 latents.
+        """
+        dtype = self.time_embed[0].weight.dtype
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         skips = []
-        h = x
+        h = x.to(dtype)
         for block in self.input_blocks:
             h = self._run(block, h, emb)
             skips.append(h)
         h = self._run(self.middle_block, h, emb)
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        return self.out(h).to(x.dtype)
 
     def _run(self, block: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         # Activation checkpointing trades a second forward pass for not storing each block's activations.

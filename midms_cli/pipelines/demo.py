@@ -62,9 +62,9 @@ PROFILES: dict[str, DemoProfile] = {
         DemoProfile("quick", "smoke run: a few steps per stage (< 3 min)", 64, 16,
                     30, 40, 10, 4, batch_size=4, grid=3),
         DemoProfile("full", "the demo (< 20 min on 2 cores)", 1024, 100,
-                    500, 800, 150, 40),
+                    600, 600, 100, 30),
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
-                    1500, 2000, 300, 100),
+                    1000, 1000, 200, 60),
     )
 }
 
@@ -77,6 +77,7 @@ Advance = Callable[[int], None]
 
 @contextlib.contextmanager
 def no_bar(description: str, total: int) -> Iterator[Advance]:
+    """The default progress hook: shows nothing."""
     yield lambda n: None
 
 

@@ -29,7 +29,6 @@ from midms_cli.metrics.fid import image_set_hash
 from midms_cli.metrics.protocol import (
     Pair,
     default_pairs,
-    file_sha256,
     format_pairs,
     parse_pairs,
     protocol_record,
@@ -40,6 +39,7 @@ from midms_cli.metrics.protocol import (
 from midms_cli.metrics.suite import CachedSet, MetricSuite
 from midms_cli.paths import midms_home
 from midms_cli.report import write_report
+from midms_cli.weights import sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 REPORT_ROWS = 64  # pairs shown in report.html (every output is still written and scored)
@@ -515,7 +515,7 @@ def evaluate_model(
         pairs_hash=text_sha256(pair_text),
         pairs=len(pairs),
         primary_pairs=sum(pair.primary for pair in pairs),
-        model_hash=file_sha256(model_file),
+        model_hash=sha256_file(model_file),
         metrics=chosen,
         weights=hashes,
         sampler=_sampler_dict(sampling),

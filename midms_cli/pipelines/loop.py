@@ -632,7 +632,8 @@ class Trainer:
         if not interrupted:
             if self.run_dir.latest_step() != self.step:
                 self.save()
-            if last_batch is not None:
+            sampled_last_step = options.sample_every > 0 and self.step % options.sample_every == 0
+            if last_batch is not None and not sampled_last_step:  # the loop may have just written it
                 self.write_samples(last_batch)
             final = self.export()
         if self.main and interrupted:

@@ -27,12 +27,12 @@ from midms_cli.data.shards import (
     CONDITION_EXT,
     SHARD_FORMAT_VERSION,
     ShardInfo,
-    file_sha256,
     shard_name,
     write_index,
     write_shard,
 )
 from midms_cli.errors import MidmsError
+from midms_cli.weights import sha256_file
 
 PLAN_NAME = "prepare.json"
 
@@ -128,13 +128,14 @@ def existing_shard_info(path: Path) -> ShardInfo:
     """Info of a shard a previous run finished: its sample count is its number of .json members."""
     with tarfile.open(path, mode="r|") as archive:
         count = sum(1 for member in archive if member.name.endswith(".json"))
-    return ShardInfo(path.name, count, file_sha256(path), path.stat().st_size)
+    return ShardInfo(path.name, count, sha256_file(path), path.stat().st_size)
 
 
 # One split.
 
 
 def _plan(plugin: Any, config: PrepareConfig, options: dict[str, Any], split: str, total: int) -> dict:
+    """What decides a split's shards; recorded in prepare.json and repeated in index.json."""
     return {
         "plugin": config.dataset or plugin.name,
         "plugin_version": str(plugin.version),
@@ -188,7 +189,8 @@ def prepare_split(
         total = min(total, config.limit)
     directory = config.out / split
     directory.mkdir(parents=True, exist_ok=True)
-    _check_plan(directory, _plan(plugin, config, options, split, total))
+    plan = _plan(plugin, config, options, split, total)
+    _check_plan(directory, plan)
     _remove_stale_temporaries(directory)
     shard_count = (total + config.shard_size - 1) // config.shard_size
 
@@ -230,13 +232,8 @@ def prepare_split(
         raise MidmsError(f"every {split} sample was skipped; first problem: {skipped[0] if skipped else '?'}")
     spec = plugin.condition_spec(options)
     index = {
+        **plan,
         "format_version": SHARD_FORMAT_VERSION,
-        "plugin": config.dataset or plugin.name,
-        "plugin_version": str(plugin.version),
-        "options": _jsonable(options),
-        "seed": config.seed,
-        "split": split,
-        "image_size": config.size,
         "condition": {
             "kind": spec.kind,
             "channels": spec.channels,

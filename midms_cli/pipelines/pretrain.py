@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -189,15 +189,33 @@ def ddim_sample(
 
 
 @dataclass
-class AutoencoderTask:
+class PretrainTask:
+    """What a pretraining run hands to the shared loop; subclasses add their sample grid columns."""
+
     model_config: ModelConfig
+    pretrain: PretrainConfig
     config: dict[str, Any]
-    model: AutoencoderObjective
+    model: nn.Module
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, Any]
     ema_module: nn.Module | None = None
     kind: str = LDM_KIND
+    with_unet: ClassVar[bool] = False  # whether the exported `ldm` file holds a UNet
+    trained_by: ClassVar[str] = ""
+
+    def export(self, path: Path) -> None:
+        save_modules(
+            path,
+            self.modules,
+            ldm_config(self.model_config, with_unet=self.with_unet),
+            LDM_KIND,
+            {"trained_by": self.trained_by},
+        )
+
+
+class AutoencoderTask(PretrainTask):
+    trained_by = "midms pretrain autoencoder"
 
     def sample_columns(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Ground truth | reconstruction."""
@@ -209,27 +227,10 @@ class AutoencoderTask:
         autoencoder.train(was_training)
         return [image, recon]
 
-    def export(self, path: Path) -> None:
-        save_modules(
-            path,
-            self.modules,
-            ldm_config(self.model_config, with_unet=False),
-            LDM_KIND,
-            {"trained_by": "midms pretrain autoencoder"},
-        )
 
-
-@dataclass
-class DiffusionTask:
-    model_config: ModelConfig
-    pretrain: PretrainConfig
-    config: dict[str, Any]
-    model: DiffusionObjective
-    modules: dict[str, nn.Module]
-    optimizers: dict[str, torch.optim.Optimizer]
-    schedulers: dict[str, Any]
-    ema_module: nn.Module | None = None
-    kind: str = LDM_KIND
+class DiffusionTask(PretrainTask):
+    with_unet = True
+    trained_by = "midms pretrain diffusion"
 
     def sample_columns(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Ground truth | its autoencoder reconstruction | an unconditional DDIM sample."""
@@ -243,15 +244,6 @@ class DiffusionTask:
         )
         unet.train(was_training)
         return [image, first_stage.decode(z0), first_stage.decode(sample)]
-
-    def export(self, path: Path) -> None:
-        save_modules(
-            path,
-            self.modules,
-            ldm_config(self.model_config, with_unet=True),
-            LDM_KIND,
-            {"trained_by": "midms pretrain diffusion"},
-        )
 
 
 def _adamw(module: nn.Module, config: PretrainConfig) -> torch.optim.Optimizer:
@@ -273,6 +265,7 @@ def build_autoencoder_task(
     optimizer = _adamw(autoencoder, pretrain)
     return AutoencoderTask(
         model,
+        pretrain,
         config,
         objective,
         {"first_stage": autoencoder},

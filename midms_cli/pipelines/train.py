@@ -283,8 +283,14 @@ def build_task(
     optimizer = torch.optim.AdamW(
         parameter_groups(model, training, phase), betas=training.betas, weight_decay=training.weight_decay
     )
-    milestones = sorted(max(1, m * steps_per_epoch - offset) for m in training.milestones)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=training.gamma)
+    # Milestones are epochs of the whole run, the scheduler counts the steps of this phase; those the
+    # warm-up already passed lower the starting learning rate instead.
+    milestones = [m * steps_per_epoch - offset for m in training.milestones]
+    for group in optimizer.param_groups:
+        group["lr"] *= training.gamma ** sum(m <= 0 for m in milestones)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=sorted(m for m in milestones if m > 0), gamma=training.gamma
+    )
     ema_module = model if phase == "e2e" else None
     return MIDMsTask(
         model.config,
@@ -400,7 +406,8 @@ def run_phase(
         require_weight("vgg19")  # fail before any work when the loss network is missing
     device = loop.setup_device(device_name)
     stored = stored_model_config(out)
-    iterations = (model_config.training.warmup_iters, model_config.training.max_iters)
+    warmup_epochs = model_config.training.warmup_epochs  # counted in steps once the data is known
+    iterations = (0 if warmup_epochs else model_config.training.warmup_iters, model_config.training.max_iters)
     if stored is not None:
         model_config = stored
         # Asking for more iterations extends a finished run.
@@ -413,6 +420,11 @@ def run_phase(
     steps_per_epoch = max(
         1, int(index["count"]) // (training.batch_size * training.grad_accumulation * world)
     )
+    if warmup_epochs > 0:
+        # Epochs become optimizer steps of this data; the run config records steps, which a resume keeps.
+        steps = warmup_epochs * steps_per_epoch
+        training.warmup_iters = max(training.warmup_iters, steps) if stored is not None else steps
+    training.warmup_epochs = 0
     loop.seed_everything(training.seed)
     if stored is not None and RunDir(out).latest() is not None:
         model = MIDM(model_config)  # resuming: the weights come from the run's newest checkpoint

@@ -50,7 +50,11 @@ def save_midm(path: str | os.PathLike, model: MIDM, extra: dict[str, Any] | None
 
 
 def resolve_model_file(path: str | os.PathLike | None) -> Path:
-    """A model file, the latest checkpoint of a run directory, or (None) the bundled model."""
+    """A model file, a run directory's model, or (None) the bundled model.
+
+    In a run directory: the final `model.safetensors` (the EMA weights when EMA is on), unless the
+    run was resumed since and has newer checkpoints; then the newest checkpoint.
+    """
     if path is None:
         if not BUNDLED_MODEL.is_file():
             raise MidmsError(
@@ -59,7 +63,9 @@ def resolve_model_file(path: str | os.PathLike | None) -> Path:
         return BUNDLED_MODEL
     path = Path(path)
     if path.is_dir():
-        latest = RunDir(path).latest()
+        latest, final = RunDir(path).latest(), path / "model.safetensors"
+        if final.is_file() and (latest is None or final.stat().st_mtime_ns >= latest.stat().st_mtime_ns):
+            return final
         if latest is None:
             raise MidmsError(
                 f"{path} is a directory without checkpoints; pass a model file or a run directory"
@@ -277,6 +283,20 @@ def check_inputs_exist(pairs: Iterable[Pair]) -> None:
                 raise MidmsError(f"{role} file {file} does not exist")
 
 
+def check_pairs(model: MIDM, pairs: list[Pair], size: int, extract: bool) -> None:
+    """Read every input of a batch once before any work, so a bad file late in the list fails the
+    command before the first output is written (a single pair is checked as it is read)."""
+    check_inputs_exist(pairs)
+    if len(pairs) < 2:
+        return
+    exemplars = set()
+    for pair in pairs:
+        read_condition(model, pair.condition, size, extract)
+        if (pair.exemplar, pair.exemplar_condition) not in exemplars:
+            read_exemplar(model, pair.exemplar, size, pair.exemplar_condition)
+            exemplars.add((pair.exemplar, pair.exemplar_condition))
+
+
 # --------------------------------------------------------------------------------------------
 # The step strip
 
@@ -332,8 +352,8 @@ def translate_pairs(
 ) -> list[dict[str, Any]]:
     """Translate each pair with a generator seeded by `options.seed` (a pair's image does not depend
     on the other pairs); exemplar features are reused while consecutive pairs share an exemplar."""
-    check_inputs_exist(pairs)
     size = check_size(model, options.size)
+    check_pairs(model, pairs, size, options.extract)
     device = next(model.parameters()).device
     results, cached_key, cached = [], None, None
     for index, pair in enumerate(pairs):

@@ -52,10 +52,7 @@ class DeepFashion(FolderDataset):
             raise MidmsError(
                 f"{source} must hold img/ (photos) and pose/ (OpenPose files) as in CoCosNet's layout"
             )
-        photos = list_photos(source / "img")
-        if not photos:
-            raise MidmsError(f"no photos under {source / 'img'}")
-        return photos
+        return list_photos(source / "img")
 
     def photo_path(self, source: Path, item: str) -> Path:
         return source / "img" / item

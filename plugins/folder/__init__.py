@@ -16,7 +16,6 @@ import torch
 from midms_cli.conditions import CONDITIONS, ConditionSpec
 from midms_cli.conditions.canny import canny_edges
 from midms_cli.data.sources import FolderDataset, list_photos
-from midms_cli.errors import MidmsError
 
 
 class FolderPhotos(FolderDataset):
@@ -28,10 +27,7 @@ class FolderPhotos(FolderDataset):
         return CONDITIONS["canny"]
 
     def all_items(self, source: Path, options: Mapping[str, Any]) -> list[str]:
-        photos = list_photos(source)
-        if not photos:
-            raise MidmsError(f"no photos (.jpg, .jpeg, .png, .webp, .bmp) under {source}")
-        return photos
+        return list_photos(source)
 
     def photo_path(self, source: Path, item: str) -> Path:
         return source / item

@@ -339,7 +339,6 @@ def one_intra_op_thread():
         torch.set_num_threads(previous)
 
 
-
 @one_intra_op_thread()
 def render_labels(geometry: dict[str, Any], size: int) -> torch.Tensor:
     """The label map (size, size) long, ids as in LABELS: depends on the geometry only."""
@@ -469,7 +468,12 @@ def make_pair(index: int, seed: int, size: int, variant: str = "official", pairi
         "ref_cond": ref_cond,
         "oracle": image.clone(),
         "meta": {
-            "index": index, "seed": seed, "pairing": pairing, "variant": variant,
-            "geometry": geometry, "ref_geometry": ref_geometry, "appearance": appearance,
+            "index": index,
+            "seed": seed,
+            "pairing": pairing,
+            "variant": variant,
+            "geometry": geometry,
+            "ref_geometry": ref_geometry,
+            "appearance": appearance,
         },  # fmt: skip
     }

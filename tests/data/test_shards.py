@@ -52,6 +52,7 @@ def test_write_then_read_returns_exactly_the_samples_written(tmp_path):
     index = read_index(tmp_path, "train")
     assert index["format_version"] == 1 and index["plugin"] == "fake" and index["plugin_version"] == "3"
     assert index["condition"]["kind"] == "fake" and index["condition"]["channels"] == 2
+    assert index["shard_size"] == 4 and index["seed"] == 7 and index["source"] is None  # the plan
     assert [s["count"] for s in index["shards"]] == [4, 4, 2]
     for entry in index["shards"]:
         path = tmp_path / "train" / entry["name"]
@@ -273,3 +274,19 @@ def test_self_pair_exemplar_keeps_the_targets_crop_and_flip():
     for seed in range(5):
         out = crop_and_flip(sample, 4, True, random.Random(seed))
         assert torch.equal(out["ref"], out["image"]) and torch.equal(out["ref_cond"], out["cond"])
+
+
+def test_single_pass_with_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
+    run(tmp_path, splits=("train",), options={"count": 4}, shard_size=2)  # 2 shards
+    with pytest.raises(MidmsError, match="2 readable shard\\(s\\) for 3 processes.*--shard-size"):
+        make_loader(tmp_path, "train", 1, resample=False, rank=2, world_size=3)
+    # Resampling draws from every shard, so any number of ranks still gets data.
+    batch = next(iter(make_loader(tmp_path, "train", 2, rank=2, world_size=3)))
+    assert len(batch["meta"]) == 2
+
+
+def test_fewer_shards_than_workers_reads_every_sample_once(tmp_path):
+    # 1 shard, 1 rank, 2 DataLoader workers: the second worker has no shard and ends at once.
+    run(tmp_path, splits=("train",), options={"count": 3}, shard_size=4)
+    loader = make_loader(tmp_path, "train", 2, resample=False, num_workers=2)
+    assert sorted(m["index"] for batch in loader for m in batch["meta"]) == [0, 1, 2]

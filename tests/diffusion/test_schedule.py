@@ -66,8 +66,19 @@ def test_exact_grid_has_exactly_s_points_and_equals_official_when_s_divides_t():
 def test_bad_grid_arguments_are_user_errors():
     with pytest.raises(MidmsError, match="unknown DDIM grid"):
         ddim_timesteps(16, 1000, "bogus")
-    with pytest.raises(MidmsError, match="between 1 and 1000"):
+    with pytest.raises(MidmsError, match="between 1 and 500 for the official grid"):
         ddim_timesteps(0)
+
+
+@pytest.mark.parametrize("grid, most", [("official", 500), ("exact", 999)])
+def test_every_accepted_grid_stays_inside_the_schedule_and_one_more_step_is_refused(grid, most):
+    schedule = NoiseSchedule()
+    for steps in (most - 1, most):  # the densest grids: their last point must still index the table
+        points = ddim_timesteps(steps, 1000, grid)
+        assert points.max().item() <= 999 and len(torch.unique(points)) == len(points)
+        schedule.alpha_pairs(points)
+    with pytest.raises(MidmsError, match=f"between 1 and {most} for the {grid} grid"):
+        ddim_timesteps(most + 1, 1000, grid)
 
 
 def test_alpha_pairs_step_to_the_previous_grid_point_and_to_alpha_0_first():

@@ -115,3 +115,31 @@ def test_diversity_is_mean_over_pairs_then_conditions():
     accumulator.add(["c"], images[:1])  # a condition with one output does not count
     value, conditions = accumulator.result(model)
     assert conditions == 1 and value == pytest.approx(pairs[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_load_lpips_from_files_added_to_the_weights_registry(net, tmp_path, monkeypatch):
+    import dataclasses
+
+    from midms_cli import weights
+    from midms_cli.metrics.lpips import LPIPS_WEIGHTS, load_lpips
+
+    monkeypatch.setenv("MIDMS_HOME", str(tmp_path / "home"))
+    backbone_name, heads_name = LPIPS_WEIGHTS[net]
+    with pytest.raises(MidmsError, match=f"midms weights add {backbone_name} FILE"):
+        load_lpips(net)
+    features, backbone, heads = _published_files(net)
+    for name, state in ((backbone_name, backbone), (heads_name, heads)):
+        entry = weights.REGISTRY[name]
+        original = tmp_path / entry.sources[0].filename
+        torch.save(state, original)
+        # The random test file cannot carry the published checksum: pin the registry to its own.
+        digest = weights.sha256_file(original)
+        source = dataclasses.replace(entry.sources[0], sha256=digest, sha256_prefix=None)
+        monkeypatch.setitem(weights.REGISTRY, name, dataclasses.replace(entry, sources=(source,)))
+        assert weights.add_weight(name, original)["layout"] == source.layout
+    model = load_lpips(net)
+    torch.manual_seed(3)
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(model(x, y), _reference_lpips(features, heads, net, x, y), rtol=1e-4, atol=1e-6)

@@ -146,3 +146,10 @@ def test_results_are_seeded_and_batching_does_not_matter_for_sizes():
     streamed.add(real[:2])
     streamed.add(real[2:])
     assert streamed.count == 4 and streamed.finalised()[0].shape == (4 * 128, 147)
+
+
+def test_images_below_the_last_pyramid_level_are_a_user_error():
+    from midms_cli.errors import MidmsError
+
+    with pytest.raises(MidmsError, match="at least 16 px, got 8; .*leave swd out of --metrics"):
+        DescriptorSet(8)

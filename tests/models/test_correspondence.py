@@ -10,15 +10,6 @@ from midms_cli.models.blocks import SPADE, ResidualBlock, positional_norm
 from midms_cli.models.correspondence import Correspondence, centre_normalize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription when other suites share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conv(cin: int, cout: int, k: int, bias: bool = True) -> int:
     return cin * cout * k * k + (cout if bias else 0)
 

@@ -85,15 +85,6 @@ def _cocosnet_state() -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: one thread avoids OpenMP oversubscription stalls on the 512-channel convs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_caffe_preprocessing_by_hand():
     image = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1)  # RGB -> [1, 0.5, 0] in [0, 1]
     out = vgg.caffe_preprocess(image).flatten()

@@ -81,7 +81,15 @@ def _first_batch(shards: Path) -> dict:
     return next(iter(make_loader(shards, "train", 4, shuffle=False, resample=False)))
 
 
-def test_autoencoder_pretraining_lowers_the_loss_and_writes_model_and_samples(shards, tmp_path):
+def test_autoencoder_pretraining_lowers_the_loss_and_writes_model_and_samples(shards, tmp_path, monkeypatch):
+    sampled_steps = []
+    write_samples = pipeline.loop.Trainer.write_samples
+
+    def counting_write_samples(self, batch):
+        sampled_steps.append(self.step)
+        return write_samples(self, batch)
+
+    monkeypatch.setattr(pipeline.loop.Trainer, "write_samples", counting_write_samples)
     out = tmp_path / "ae"
     result = pipeline.pretrain("autoencoder", shards, out, tiny32(), _config(max_iters=12, sample_every=6),
                                progress=False)
@@ -101,6 +109,7 @@ def test_autoencoder_pretraining_lowers_the_loss_and_writes_model_and_samples(sh
     # Sample grids: one row per sample (batch 2), columns ground truth | reconstruction.
     grids = sorted((out / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-00000006.png", "step-00000012.png"]
+    assert sampled_steps == [6, 12]  # the last step's grid is drawn once, not again at the end
     assert Image.open(grids[0]).size == (2 * SIZE, 2 * SIZE)
     config = json.loads((out / "config.json").read_text())
     assert config["pretrain"]["max_iters"] == 12 and config["autoencoder"]["resolution"] == SIZE
@@ -172,6 +181,44 @@ def test_diffusion_pretraining_lowers_the_loss_and_exports_the_ema(shards, tmp_p
     assert eval_loss(modules["unet"]) < 0.9 * eval_loss(UNetModel(configs.unet))
     grid = Image.open(out / "samples" / "step-00000016.png")
     assert grid.size == (3 * SIZE, 2 * SIZE)  # ground truth | reconstruction | DDIM sample
+
+
+class _Crash(Exception):
+    """A hard stop (power loss, SIGKILL): no checkpoint is written on the way out."""
+
+
+def test_diffusion_run_crashed_after_a_checkpoint_resumes_to_the_uninterrupted_state(shards, tmp_path):
+    # An untrained exported first stage is enough: the test pins the loop state, not the quality.
+    torch.manual_seed(0)
+    first_stage = tmp_path / "ae.safetensors"
+    pipeline.build_autoencoder_task(tiny32(), _config(), {}).export(first_stage)
+    config = _config(ema_decay=0.5, sample_every=0, sample_steps=2)
+
+    def run(out: Path, on_step=None):
+        return pipeline.pretrain("diffusion", shards, out, tiny32(), config, autoencoder=first_stage,
+                                 progress=False, on_step=on_step)
+
+    straight = run(tmp_path / "straight")
+
+    def crash_at_three(step: int) -> None:
+        if step == 3:
+            raise _Crash
+
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        run(out, crash_at_three)
+    assert json.loads((out / "latest").read_text())["step"] == 2  # step 3 was lost with the crash
+    resumed = run(out)
+    assert resumed.step == 4 and resumed.last_losses == straight.last_losses
+    # UNet, its EMA, optimizer moments and the exported EMA model all equal the uninterrupted run's.
+    for name in ("ckpt-00000004.safetensors", "model.safetensors"):
+        a = load_checkpoint(tmp_path / "straight" / name).tensors
+        b = load_checkpoint(out / name).tensors
+        assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) == (name != "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(line)["step"] for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert Image.open(out / "samples" / "step-00000004.png").size == (3 * SIZE, 2 * SIZE)
 
 
 def _poison(monkeypatch, bad_calls: set[int]) -> list[int]:

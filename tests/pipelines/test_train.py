@@ -22,14 +22,6 @@ from midms_cli.pipelines.pretrain import ldm_config
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthfaces_shards(base: Path) -> Path:
     """16 training samples in 2 shards at 32 px, made once per session (shared by the training tests)."""
     out = base / "training-shards"
@@ -131,6 +123,42 @@ def test_e2e_phase_sends_gradients_through_the_unrolled_loop(base, batch):
     assert warm["cycle"].item() == pytest.approx(2 * terms["cycle"].item(), rel=1e-3)
 
 
+def _constant_losses(monkeypatch) -> list[str]:
+    """Every loss function of `midms_cli.losses` returns 1 and records its name: the objective's
+    terms then show the spec 2.3 weights and which losses each phase computes."""
+    called: list[str] = []
+    names = ("domain_alignment_loss", "cycle_consistency_loss", "source_condition_loss",
+             "perceptual_loss", "contextual_style_loss", "diffusion_loss_x0", "diffusion_loss_eps",
+             "self_warp_reconstruction_loss", "warped_segmentation_loss")
+    for name in names:
+        monkeypatch.setattr(pipeline.losses, name,
+                            lambda *args, name=name, **kwargs: (called.append(name), torch.tensor(1.0))[1])
+    return called
+
+
+@pytest.mark.parametrize(
+    ("phase", "expected", "diffusion_loss"),
+    [
+        # Warm-up: the initial cycle counts twice (spec 5.13), Eq. 17 is the self-warp MSE (6'),
+        # no contextual loss.
+        ("warmup", {"domain": 10, "cycle": 2, "diffusion": 1, "source": 1, "perceptual": 0.002},
+         "self_warp_reconstruction_loss"),
+        # E2E: 2 re-warps on each of the exemplar and GT paths give 4 iterative cycle terms (2b).
+        ("e2e", {"domain": 10, "cycle": 1, "cycle_iterative": 4, "diffusion": 1, "source": 1,
+                 "perceptual": 0.002, "contextual": 1}, "diffusion_loss_x0"),
+    ],
+)
+def test_loss_terms_and_weights_of_each_phase_follow_spec_2_3(base, batch, monkeypatch, phase, expected,
+                                                              diffusion_loss):
+    called = _constant_losses(monkeypatch)
+    model = _model(base)
+    with torch.no_grad():
+        terms = _objective(model, phase)(batch)
+    assert {k: pytest.approx(v.item()) for k, v in terms.items() if k != "loss"} == expected
+    assert terms["loss"].item() == pytest.approx(sum(expected.values()))
+    assert diffusion_loss in called and "warped_segmentation_loss" not in called
+
+
 @pytest.mark.parametrize(
     "position, noised, queried", [(0, 311, 249), (1, 249, 187), (2, 187, 125), (3, 125, 63)]
 )
@@ -167,6 +195,30 @@ def test_diffusion_branch_noises_one_grid_point_earlier_than_it_queries(
     assert eps_loss.item() == pytest.approx(float((seen["noise"] ** 2).mean()), rel=1e-9)
 
 
+@pytest.mark.parametrize(("phase", "offset"), [("warmup", 0), ("e2e", 7), ("e2e", 60)])
+def test_optimizer_groups_and_epoch_milestones(base, phase, offset):
+    """Spec 2.4: AdamW (wd 0.05) with the correspondence and UNet groups at their own learning rates;
+    MultiStepLR milestones in epochs become optimizer steps, counted from the start of the phase;
+    a milestone the warm-up passed (offset 60 = epoch 12) has already lowered the learning rate."""
+    config = tiny32(lr_correspondence=3e-6, lr_unet=1.5e-7, milestones=(10, 12, 14, 24), gamma=0.3)
+    model = pipeline.model_from_base(config, base)
+    task = pipeline.build_task(model, phase, {}, steps_per_epoch=5, offset=offset)
+    optimizer = task.optimizers["midms"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    steps = [50, 60, 70, 120]  # epochs (10, 12, 14, 24) x 5 steps per epoch
+    decay = 0.3 ** sum(s <= offset for s in steps)
+    expected = {"correspondence": 3e-6 * decay} | ({"unet": 1.5e-7 * decay} if phase == "e2e" else {})
+    assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(expected)
+    assert all(g["weight_decay"] == 0.05 and g["betas"] == (0.9, 0.999) for g in groups.values())
+    owners = {"correspondence": model.correspondence, "unet": model.unet}
+    for name, group in groups.items():
+        assert {id(p) for p in group["params"]} == {id(p) for p in owners[name].parameters()}
+    assert all(p.requires_grad == (phase == "e2e") for p in model.unet.parameters())
+    assert sorted(task.schedulers["midms"].milestones) == [s - offset for s in steps if s > offset]
+    assert task.schedulers["midms"].gamma == pytest.approx(0.3)
+
+
 def _oracle_error(model: MIDM, batch: dict) -> float:
     """L1 between the initial warp R0 and the latent of the oracle (condition geometry, exemplar looks)."""
     model.eval()
@@ -192,6 +244,18 @@ def test_warmup_lowers_the_oracle_warp_error_and_leaves_the_unet_alone(shards, b
             assert torch.equal(module_state(trained, prefix)[name], tensor), f"{prefix}.{name} changed"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert "contextual" not in metrics[0] and "cycle_iterative" not in metrics[0]
+
+
+def test_warmup_in_epochs_runs_one_pass_over_the_data_and_records_the_steps(shards, base, tmp_path):
+    """The paper's warm-up is measured in epochs: 16 samples at batch 8 make 2 steps per epoch."""
+    out = tmp_path / "warm-epochs"
+    config = tiny32(warmup_iters=50, warmup_epochs=1, batch_size=8)
+    result = pipeline.warmup(shards, out, config, base, progress=False)
+    assert result.step == 2 and not result.interrupted
+    recorded = json.loads((out / "config.json").read_text())["training"]
+    assert (recorded["warmup_iters"], recorded["warmup_epochs"]) == (2, 0)  # a resume counts steps
+    again = pipeline.warmup(shards, out, config, base, progress=False)  # finished: nothing more to do
+    assert again.step == 2
 
 
 def test_train_without_init_warms_up_first_then_updates_unet_and_correspondence(shards, base, tmp_path):
@@ -242,12 +306,15 @@ def test_warmup_cli_dry_run_shows_overrides(shards, base, tmp_path):
             "5",
             "--lr",
             "0.01",
+            "--epochs",
+            "2",
             "--dry-run",
         ],
     )
     assert result.exit_code == 0, result.output
     config = json.loads(result.stdout)
     assert config["training"]["warmup_iters"] == 5 and config["training"]["lr_correspondence"] == 0.01
+    assert config["training"]["warmup_epochs"] == 2
     assert config["run"]["phase"] == "warmup"
     assert not (tmp_path / "w").exists()
 

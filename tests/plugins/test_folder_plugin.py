@@ -90,5 +90,6 @@ def test_bad_probabilities_fail_before_any_sample(tmp_path):
 
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "src").mkdir()
-    with pytest.raises(MidmsError, match="no photos"):
+    (tmp_path / "src" / "notes.txt").write_text("not a photo")
+    with pytest.raises(MidmsError, match=r"no photos \(\.jpg, .*\.bmp\) under .*src; check --source"):
         run(tmp_path / "src", tmp_path / "out")

@@ -1,0 +1,280 @@
+"""Latency, work and memory of one translation (Algorithm 1 + refinement + decode) on CPU.
+
+Run: python benchmarks/bench_translate.py --preset tiny            (seconds)
+     python benchmarks/bench_translate.py --preset paper-celebahq  (minutes: 24 calls of a 274M-param UNet)
+Options: --precisions fp32,fp32-cl,bf16,bf16-all  --threads 2  --batch 1  --repeat N  --json FILE
+
+Random weights (zero-initialised output layers given small random values), official sampler
+settings, batch 1. Each precision runs in a fresh subprocess, so its peak RSS (VmHWM) is that of
+one whole translation: model construction, inputs, warm-up, the run. Printed per precision:
+wall time, UNet calls / encodes / decodes counted with forward hooks, the FLOPs of the run
+(torch's FlopCounterMode, a separate untimed pass), the fp32 and bf16 matmul throughput measured
+in the same process, the resulting efficiency time / (FLOPs / matmul throughput), and ratios
+against two baselines of the same run: the fp32 reference path, and the official code's cost
+(29 UNet calls, 2 encodes, 7 decodes, spec 1.12) emulated from the per-call times just measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    PRECISIONS,
+    apply_precision,
+    bf16_hardware_note,
+    count_flops,
+    counting,
+    format_table,
+    machine_info,
+    matmul_throughput,
+    peak_rss_mb,
+    randomize_zero_init,
+    run_child,
+    verdict,
+)
+
+# The official code's work per image (spec 1.12), against which ours is compared.
+OFFICIAL_UNET_CALLS, OFFICIAL_ENCODES, OFFICIAL_DECODES = 29, 2, 7
+# Targets of issue #9 (CPU, 2 threads, paper-celebahq unless noted).
+TARGET_UNET_CALLS, TARGET_ENCODES, TARGET_DECODES = 24, 1, 1
+TARGET_RSS_MB = 2048
+TARGET_FP32_EFFICIENCY = 1.4
+TARGET_BF16_SPEED = 0.25
+TARGET_BF16_MAE_255 = 1.0
+
+
+def build_inputs(config, batch: int, seed: int):
+    """(conditions (B, nc, H, W) in {0, 1}, one exemplar (1, 3, H, W) in [−1, 1], its condition)."""
+    generator = torch.Generator().manual_seed(seed)
+    size, channels = config.image_size, config.correspondence.cond_channels
+    condition = (torch.rand(batch, channels, size, size, generator=generator) > 0.9).float()
+    exemplar = torch.rand(1, 3, size, size, generator=generator) * 2 - 1
+    exemplar_condition = (torch.rand(1, channels, size, size, generator=generator) > 0.9).float()
+    return condition, exemplar, exemplar_condition
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One precision in this process: build, warm up, count FLOPs, time, report."""
+    from midms_cli.config import preset
+    from midms_cli.models.midm import MIDM
+    from midms_cli.sampler import translate
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = apply_precision(randomize_zero_init(MIDM(preset(args.preset)).eval()), args.precision)
+    condition, exemplar, exemplar_condition = build_inputs(model.config, args.batch, seed=1)
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        return translate(model, condition, exemplar, exemplar_condition, generator=generator).image
+
+    # Everything below runs under no_grad (as translate itself does), not inference_mode: torch's
+    # flop counter cannot see parametrized spectral-norm convs under inference_mode.
+    with torch.no_grad():
+        # Warm-up at the working shapes (oneDNN primitive creation, first-touch allocations), which
+        # also counts the FLOPs of one call of each network.
+        latent, encode_flops = count_flops(lambda: model.encode(exemplar))
+        batch_latent = latent.expand(args.batch, -1, -1, -1)
+        _, unet_flops = count_flops(lambda: model.eps(model.unet, batch_latent, 249))
+        _, decode_flops = count_flops(lambda: model.decode(batch_latent))
+        if args.repeat > 1:
+            run()
+        throughput = {"fp32": matmul_throughput(torch.float32), "bf16": matmul_throughput(torch.bfloat16)}
+        first_stage = model.first_stage
+        parts = {"unet": model.unet, "encoder": first_stage.encoder, "decoder": first_stage.decoder}
+        # Small presets: FLOPs in a separate pass (the counter's per-op Python overhead would show in
+        # the time); large ones: counted during the timed run, where that overhead is negligible.
+        inline = args.preset != "tiny"
+        best = None
+        for _ in range(args.repeat):
+            with counting(parts) as stats:
+                start = time.perf_counter()
+                image, flops = count_flops(run) if inline else (run(), None)
+                elapsed = time.perf_counter() - start
+            if best is None or elapsed < best[0]:
+                best = (elapsed, stats, flops)
+        elapsed, stats, flops = best
+        # Matmul throughput again after the run; the best of both is the machine's.
+        throughput = {k: max(v, matmul_throughput(torch.bfloat16 if k == "bf16" else torch.float32))
+                      for k, v in throughput.items()}
+        if flops is None:
+            _, flops = count_flops(run)
+    save_file({"image": image.float().contiguous()}, args.image_out)  # for the parent's comparison
+    # FLOP bound: each network's share at the throughput of the dtype it runs in, the rest (matching,
+    # correspondence networks) at float32.
+    unet_dtype = "bf16" if args.precision.startswith("bf16") else "fp32"
+    first_stage_dtype = "bf16" if args.precision == "bf16-all" else "fp32"
+    unet_total = unet_flops * stats["unet"].calls
+    first_stage_total = encode_flops * stats["encoder"].calls + decode_flops * stats["decoder"].calls
+    bound = (unet_total / throughput[unet_dtype] + first_stage_total / throughput[first_stage_dtype]
+             + max(flops - unet_total - first_stage_total, 0) / throughput["fp32"])
+    return {
+        "precision": args.precision,
+        "seconds": elapsed,
+        "unet_calls": stats["unet"].calls,
+        "encodes": stats["encoder"].calls,
+        "decodes": stats["decoder"].calls,
+        "unet_seconds": stats["unet"].seconds,
+        "encode_seconds": stats["encoder"].seconds,
+        "decode_seconds": stats["decoder"].seconds,
+        "flops": flops,
+        "matmul_fp32_gflops": throughput["fp32"] / 1e9,
+        "matmul_bf16_gflops": throughput["bf16"] / 1e9,
+        "unet_flops": unet_total,
+        "first_stage_flops": first_stage_total,
+        "flop_bound_seconds": bound,
+        "efficiency": elapsed / bound,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def official_emulated(result: dict) -> float:
+    """The official code's time for the same image: ours plus the extra UNet calls, encodes and
+    decodes it makes (spec 1.12), each priced at its mean measured time in this run."""
+    per_unet = result["unet_seconds"] / max(result["unet_calls"], 1)
+    per_encode = result["encode_seconds"] / max(result["encodes"], 1)
+    per_decode = result["decode_seconds"] / max(result["decodes"], 1)
+    return (result["seconds"] + (OFFICIAL_UNET_CALLS - result["unet_calls"]) * per_unet
+            + (OFFICIAL_ENCODES - result["encodes"]) * per_encode
+            + (OFFICIAL_DECODES - result["decodes"]) * per_decode)
+
+
+def cli_run(args: argparse.Namespace) -> dict:
+    """The user's path: write a random-weight model file of the preset, then time `midms translate`
+    on one condition/exemplar pair in a subprocess and read its peak RSS (RUSAGE_CHILDREN)."""
+    import resource
+    import subprocess
+
+    from midms_cli.conditions.io import save_condition
+    from midms_cli.config import preset
+    from midms_cli.images import save_png
+    from midms_cli.models.midm import MIDM
+    from midms_cli.pipelines.translate import save_midm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.manual_seed(0)
+        model = randomize_zero_init(MIDM(preset(args.preset)).eval())
+        save_midm(folder / "model.safetensors", model)
+        condition, exemplar, exemplar_condition = build_inputs(model.config, 1, seed=1)
+        del model
+        save_condition(condition[0], folder / "cond.npy")
+        save_png(exemplar[0], folder / "ref.png")
+        save_condition(exemplar_condition[0], folder / "ref_cond.npy")
+        command = [sys.executable, "-m", "midms_cli", "translate", str(folder / "cond.npy"),
+                   str(folder / "ref.png"), "--ref-cond", str(folder / "ref_cond.npy"),
+                   "-o", str(folder / "out.png"), "--model", str(folder / "model.safetensors"),
+                   *args.cli_args.split()]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"midms translate failed:\n{proc.stderr[-2000:]}")
+        # ru_maxrss of the children is the largest peak of any waited-for child: here the CLI alone
+        # (this process runs no other child).
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        file_mb = (folder / "model.safetensors").stat().st_size / 2**20
+    return {"command": "midms translate " + " ".join(command[4:5]) + " ... " + args.cli_args,
+            "seconds": elapsed, "peak_rss_mb": peak, "model_file_mb": file_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--precisions", default="fp32,bf16", help=f"comma list of {', '.join(PRECISIONS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="conditions sharing one exemplar")
+    parser.add_argument("--repeat", type=int, default=0, help="timed runs, best kept (tiny: 3, else 1)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    parser.add_argument("--cli", action="store_true",
+                        help="instead: time `midms translate` from a model file and report its peak RSS")
+    parser.add_argument("--cli-args", default="", help="extra arguments for `midms translate` with --cli")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--image-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.repeat <= 0:
+        args.repeat = 3 if args.preset == "tiny" else 1
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    info = machine_info(args.threads)
+    if args.cli:
+        result = cli_run(args)
+        print(f"preset {args.preset}: `{result['command']}` (model file {result['model_file_mb']:.0f} MiB)")
+        print(f"  wall time {result['seconds']:.1f} s (load + translate + write), "
+              f"peak RSS {result['peak_rss_mb']:.0f} MiB")
+        print(verdict("peak RSS of the whole CLI translation", result["peak_rss_mb"], TARGET_RSS_MB, " MiB"))
+        if args.json:
+            report = {"machine": info, "preset": args.preset, "cli": result}
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
+    precisions = [p for p in args.precisions.split(",") if p]
+    print(f"machine: {info['cpu']}, {info['threads']} threads of {info['logical_cpus']}, "
+          f"torch {info['torch']} ({info['cpu_capability']}); {bf16_hardware_note(info)}; "
+          f"load avg {info['load_average_1min']:.1f}")
+    print(f"preset {args.preset}, batch {args.batch}, official sampler settings, random weights, "
+          f"best of {args.repeat} timed run(s)\n")
+    results, images = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in precisions:
+            image_file = os.path.join(tmp, f"{precision}.safetensors")
+            result = run_child([__file__, "--child", "--preset", args.preset, "--precision", precision,
+                                "--threads", str(args.threads), "--batch", str(args.batch),
+                                "--repeat", str(args.repeat), "--image-out", image_file])
+            images[precision] = load_file(image_file)["image"]
+            results.append(result)
+    reference = results[0]
+    for result in results:
+        result["vs_first"] = result["seconds"] / reference["seconds"]
+        result["official_emulated_seconds"] = official_emulated(result)
+        result["speedup_vs_official"] = result["official_emulated_seconds"] / result["seconds"]
+        # Mean absolute difference of the output images from the first precision, in 0..255 units.
+        result["mae_255_vs_first"] = float((images[result["precision"]] - images[reference["precision"]])
+                                           .abs().mean() * 127.5)
+        result["gflop"] = result["flops"] / 1e9
+
+    columns = ["precision", "seconds", "unet_calls", "encodes", "decodes", "gflop", "flop_bound_seconds",
+               "efficiency", "peak_rss_mb", "vs_first", "official_emulated_seconds", "speedup_vs_official",
+               "mae_255_vs_first"]
+    print(format_table(results, columns))
+    fp32_peak = max(r["matmul_fp32_gflops"] for r in results)
+    bf16_peak = max(r["matmul_bf16_gflops"] for r in results)
+    first = reference["precision"]
+    print(f"\nmatmul throughput (same processes): fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s")
+    print("efficiency = seconds / FLOP bound (each network's FLOPs / matmul throughput of its dtype)")
+    print(f"vs_first = seconds / {first} seconds; mae_255 = mean |image - {first} image| in 0..255")
+
+    print("\ntargets (issue #9):")
+    per_image = args.batch
+    for result in results:
+        p = result["precision"]
+        print(f" [{p}]")
+        print(verdict("UNet calls per image", result["unet_calls"] / per_image, TARGET_UNET_CALLS))
+        print(verdict("encodes per exemplar", result["encodes"], TARGET_ENCODES))
+        print(verdict("decodes per batch", result["decodes"], TARGET_DECODES))
+        print(verdict("peak RSS", result["peak_rss_mb"], TARGET_RSS_MB, " MiB"))
+        if p.startswith("fp32"):
+            print(verdict("time / FLOP bound", result["efficiency"], TARGET_FP32_EFFICIENCY, "x"))
+        if p.startswith("bf16") and reference["precision"] == "fp32":
+            print(verdict("bf16 time / fp32 time", result["vs_first"], TARGET_BF16_SPEED, "x"))
+            print(verdict("bf16 output MAE vs fp32", result["mae_255_vs_first"], TARGET_BF16_MAE_255, "/255"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "preset": args.preset, "batch": args.batch,
+                                               "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""bfloat16 copies of the UNet and first stage are drop-in replacements: float32 in, float32 out,
+float32 normalisation and quantisation inside, close to the float32 model (issue #9's bf16 path)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from midms_cli.config import preset
+from midms_cli.models.autoencoder import build_autoencoder, nearest_codes
+from midms_cli.models.unet import GroupNorm32, UNetModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-zero values for the zero-initialised output layers, so the comparison is not trivial."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if not param.any():
+                param.normal_(0, 0.05)
+    return module
+
+
+def test_bfloat16_group_norm_matches_float32_arithmetic_on_the_same_inputs():
+    torch.manual_seed(0)
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+        norm.bias.normal_(0, 0.1)
+    x = (torch.randn(2, 64, 5, 5) * 3 + 1).bfloat16()
+    low = copy.deepcopy(norm).bfloat16()
+    out = low(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.bfloat16
+    # Reference: float32 group norm of the same (bf16-valued) input and parameters, rounded once.
+    expected = F.group_norm(x.float(), 32, low.weight.float(), low.bias.float(), norm.eps).bfloat16()
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_bfloat16_unet_takes_and_returns_float32_and_stays_close():
+    torch.manual_seed(0)
+    unet = randomize(UNetModel(preset("tiny").unet).eval())
+    low = copy.deepcopy(unet).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([249, 63])
+    with torch.no_grad():
+        reference, out = unet(x, t), low(x, t)
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    relative = (out - reference).abs().mean() / reference.abs().mean()
+    assert relative < 0.03
+
+
+def test_bfloat16_first_stage_quantises_in_float32_and_returns_float32():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny").autoencoder, resolution=32, n_embed=64)
+    model = build_autoencoder(cfg).eval()
+    with torch.no_grad():
+        model.quantize.embedding.weight.normal_(0, 1)
+    low = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    z = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        latent, decoded = low.encode(image), low.decode(z)
+        quantised, _ = low.quantize_latent(z)
+    assert latent.dtype == decoded.dtype == quantised.dtype == torch.float32
+    # The code choice is made in float32 with the full-precision latent: the bf16-rounded codebook
+    # is the only difference, so the same codes are picked as by a float32 search on that codebook.
+    codebook = low.quantize.embedding.weight.float()
+    expected = codebook[nearest_codes(z, codebook)].reshape(1, 8, 8, 3).permute(0, 3, 1, 2)
+    # (z + (z_q − z) is z_q up to one float32 rounding: the straight-through form.)
+    torch.testing.assert_close(quantised, expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(latent, model.encode(image), atol=0.1, rtol=0.05)

@@ -1,0 +1,163 @@
+"""`midms demo` (pipelines/demo.py, cli/demo.py) and the bundled model with the shipped examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from midms_cli.cli.app import app
+from midms_cli.errors import MidmsError
+from midms_cli.pipelines import demo
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+# Smaller than `--quick`: the same stages and code path, a couple of steps each.
+TINY = demo.DemoProfile("quick", "test", train_count=16, eval_count=4, autoencoder_iters=2, diffusion_iters=2,
+                        warmup_iters=2, train_iters=1, batch_size=2, grid=2)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """One tiny demo through the CLI (--json), then the same command again (everything skipped)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    patch = pytest.MonkeyPatch()
+    patch.setitem(demo.PROFILES, "quick", TINY)
+    try:
+        runner = CliRunner()
+        args = ["--json", "--device", "cpu", "demo", "--quick", "--out", str(out), "--seed", "3"]
+        first = runner.invoke(app, args)
+        assert first.exit_code == 0, first.output
+        second = runner.invoke(app, args)
+        assert second.exit_code == 0, second.output
+    finally:
+        patch.undo()
+    return out, _last_json(first.stdout), _last_json(second.stdout)
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_demo_runs_every_stage_in_order_and_records_numbers(demo_run):
+    out, summary, _ = demo_run
+    assert [s["stage"] for s in summary["stages"]] == list(demo.STAGES)
+    assert not any(s["skipped"] for s in summary["stages"])
+    by_stage = {s["stage"]: s for s in summary["stages"]}
+    assert by_stage["prepare"]["numbers"] == {"train_samples": 16, "val_samples": 4}
+    assert by_stage["autoencoder"]["numbers"]["steps"] == 2
+    assert by_stage["train"]["numbers"]["steps"] == 1
+    evaluation = by_stage["evaluate"]["numbers"]
+    for row in ("model", "exemplar_copy", "initial_warp"):
+        assert {f"{row}.oracle_psnr", f"{row}.swd"} <= set(evaluation)
+    # summary.json holds the last run's summary (the rerun's: every stage skipped).
+    stored = json.loads((out / demo.SUMMARY_FILE).read_text())["stages"]
+    assert [s["numbers"] for s in stored] == [s["numbers"] for s in summary["stages"]]
+
+
+def test_demo_outputs_are_valid_images_and_a_loadable_model(demo_run):
+    out, summary, _ = demo_run
+    with Image.open(summary["grid"]) as grid:
+        grid.load()
+        # (grid + 1) tiles of 64 px each way: a corner, exemplars on top, conditions on the left.
+        assert grid.size == ((TINY.grid + 1) * 64, (TINY.grid + 1) * 64) and grid.mode == "RGB"
+    outputs = sorted((out / "eval" / "images" / "output").glob("*.png"))
+    assert len(outputs) == TINY.eval_count
+    for path in outputs:
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+    assert (out / "eval" / "report.html").is_file()
+    from midms_cli.checkpoint import read_metadata
+    from midms_cli.pipelines.translate import load_midm
+
+    metadata = read_metadata(summary["model"], expected_kind="midms")
+    assert metadata["demo_profile"] == "quick" and metadata["config"]["condition"] == "canny"
+    assert load_midm(summary["model"]).config.correspondence.cond_channels == 1
+
+
+def test_demo_rerun_skips_finished_stages(demo_run):
+    _, first, second = demo_run
+    assert all(s["skipped"] for s in second["stages"])
+    assert [s["numbers"] for s in second["stages"]] == [s["numbers"] for s in first["stages"]]
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(demo_run):
+    out, _, _ = demo_run
+    options = demo.DemoOptions(out=out, profile=TINY, seed=4)
+    with pytest.raises(MidmsError, match="other settings"):
+        demo.run_demo(options)
+
+
+def test_demo_redoes_a_stage_whose_record_is_missing(demo_run, tmp_path):
+    out, _, _ = demo_run
+    record = demo.read_record(out, "translate")
+    assert record is not None and record.skipped
+    (out / "grid.png").unlink()
+    demo.stage_file(out, "translate").unlink()
+    options = demo.DemoOptions(out=out, profile=TINY, seed=3, device="cpu")
+    redone = demo.run_stage(options, "translate")
+    assert not redone.skipped and (out / "grid.png").is_file()
+
+
+def test_translation_grid_places_exemplars_on_top_and_conditions_on_the_left():
+    size = 2
+    conditions = torch.stack([torch.full((3, size, size), v) for v in (0.1, 0.2)])
+    exemplars = torch.stack([torch.full((3, size, size), v) for v in (0.5, 0.6, 0.7)])
+    outputs = torch.tensor([[10.0, 11, 12], [20, 21, 22]])[:, :, None, None, None].expand(2, 3, 3, size, size)
+    grid = demo.translation_grid(conditions, exemplars, outputs)
+    assert grid.shape == (3, 3 * size, 4 * size)
+    tile = lambda row, col: grid[:, row * size:(row + 1) * size, col * size:(col + 1) * size]  # noqa: E731
+    assert torch.all(tile(0, 0) == 1.0)  # white corner
+    assert [tile(0, c)[0, 0, 0].item() for c in (1, 2, 3)] == pytest.approx([0.5, 0.6, 0.7])
+    assert [tile(r, 0)[0, 0, 0].item() for r in (1, 2)] == pytest.approx([0.1, 0.2])
+    assert tile(2, 3)[0, 0, 0].item() == 22.0 and tile(1, 2)[0, 0, 0].item() == 11.0
+
+
+def test_condition_picture_draws_edges_black_on_white():
+    edges = torch.tensor([[[0.0, 1.0]]])
+    picture = demo.condition_picture(edges)
+    assert picture.shape == (3, 1, 2)
+    assert picture[:, 0, 0].tolist() == [1.0, 1.0, 1.0] and picture[:, 0, 1].tolist() == [-1.0, -1.0, -1.0]
+
+
+def test_headline_numbers_flattens_model_and_baselines():
+    results = {"model": {"oracle_output_psnr": 20.123456, "swd": 5.0, "oracle_warp_psnr": 1.0},
+               "baselines": {"exemplar_copy": {"oracle_output_psnr": 18.0}}}
+    assert demo.headline_numbers(results) == {"model.oracle_psnr": 20.1235, "model.swd": 5.0,
+                                              "exemplar_copy.oracle_psnr": 18.0}
+
+
+def test_demo_rejects_quick_together_with_another_profile(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "midms_cli", "demo", "--quick", "--profile", "bundle",
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--quick or --profile" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _example_pair() -> tuple[Path, Path]:
+    conditions = sorted(EXAMPLES.glob("*_cond.png"))
+    exemplars = sorted(EXAMPLES.glob("*_ref.png"))
+    assert conditions and exemplars, "examples/ holds *_cond.png and *_ref.png pairs"
+    return conditions[0], exemplars[-1]
+
+
+def test_translate_example_with_the_bundled_model_and_no_other_argument(tmp_path):
+    from midms_cli.pipelines.translate import BUNDLED_MODEL
+
+    assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 10 * 2**20
+    condition, exemplar = _example_pair()
+    out = tmp_path / "tmp" / "out.png"
+    result = subprocess.run([sys.executable, "-m", "midms_cli", "translate", str(condition), str(exemplar),
+                             "-o", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        image.load()
+        assert image.size == (64, 64) and image.mode == "RGB"
