@@ -189,6 +189,43 @@ def cli_run(args: argparse.Namespace) -> dict:
             "seconds": elapsed, "peak_rss_mb": peak, "model_file_mb": file_mb}
 
 
+def paired_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
+    """All precisions in one process, timed alternately for `--rounds` rounds (best kept): the ratios
+    between precisions then share the machine's load, unlike runs in separate processes."""
+    from midms_cli.config import preset
+    from midms_cli.models.midm import MIDM
+    from midms_cli.sampler import translate
+
+    torch.set_num_threads(args.threads)
+    models = {}
+    for precision in precisions:
+        torch.manual_seed(0)  # identical weights in every copy
+        models[precision] = apply_precision(randomize_zero_init(MIDM(preset(args.preset)).eval()), precision)
+    condition, exemplar, exemplar_condition = build_inputs(models[precisions[0]].config, args.batch, seed=1)
+    best: dict[str, dict] = {}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model.decode(model.eps(model.unet, model.encode(exemplar), 249))
+        for _ in range(args.rounds):
+            for precision, model in models.items():
+                with counting({"unet": model.unet}) as stats:
+                    start = time.perf_counter()
+                    image = translate(model, condition, exemplar, exemplar_condition,
+                                      generator=torch.Generator().manual_seed(0)).image
+                    elapsed = time.perf_counter() - start
+                if precision not in best or elapsed < best[precision]["seconds"]:
+                    best[precision] = {"precision": precision, "seconds": elapsed, "image": image,
+                                       "unet_seconds_per_call": stats["unet"].seconds / stats["unet"].calls}
+    reference = best[precisions[0]]
+    for result in best.values():
+        result["vs_first"] = result["seconds"] / reference["seconds"]
+        result["unet_call_vs_first"] = result["unet_seconds_per_call"] / reference["unet_seconds_per_call"]
+        result["mae_255_vs_first"] = float((result["image"] - reference["image"]).abs().mean() * 127.5)
+    for result in best.values():
+        del result["image"]
+    return [best[p] for p in precisions]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -200,6 +237,9 @@ def main() -> None:
     parser.add_argument("--cli", action="store_true",
                         help="instead: time `midms translate` from a model file and report its peak RSS")
     parser.add_argument("--cli-args", default="", help="extra arguments for `midms translate` with --cli")
+    parser.add_argument("--paired", action="store_true",
+                        help="instead: time all precisions alternately in one process (robust ratios)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --paired (best kept)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--image-out", default=None, help=argparse.SUPPRESS)
@@ -222,6 +262,22 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(report, indent=2))
         return
     precisions = [p for p in args.precisions.split(",") if p]
+    if args.paired:
+        print(f"machine: {info['cpu']}, {info['threads']} threads, {bf16_hardware_note(info)}; "
+              f"load avg {info['load_average_1min']:.1f}")
+        print(f"preset {args.preset}: precisions timed alternately in one process, "
+              f"best of {args.rounds} rounds\n")
+        results = paired_run(args, precisions)
+        print(format_table(results, ["precision", "seconds", "unet_seconds_per_call", "vs_first",
+                                     "unet_call_vs_first", "mae_255_vs_first"]))
+        for result in results[1:]:
+            if result["precision"].startswith("bf16"):
+                print(verdict(f"{result['precision']} time / {precisions[0]} time", result["vs_first"],
+                              TARGET_BF16_SPEED, "x"))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": info, "preset": args.preset, "paired": results},
+                                                  indent=2))
+        return
     print(f"machine: {info['cpu']}, {info['threads']} threads of {info['logical_cpus']}, "
           f"torch {info['torch']} ({info['cpu_capability']}); {bf16_hardware_note(info)}; "
           f"load avg {info['load_average_1min']:.1f}")

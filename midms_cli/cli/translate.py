@@ -76,7 +76,7 @@ def translate_command(
         None, "--model", "-m", help="Model file or training run folder (default: the bundled tiny model)."
     ),
     extract: bool = typer.Option(
-        False, "--extract", help="COND is a photo: compute the model's condition from it (kinds like canny)."
+        False, "--extract", help="COND is a photo: compute its condition (canny, openpose, ade20k)."
     ),
     ref_cond: Path | None = typer.Option(
         None, "--ref-cond", help="The exemplar's own condition file (default: computed from the photo)."

@@ -20,7 +20,6 @@ from torch import Tensor
 
 import midms_cli
 from midms_cli.checkpoint import RunDir, load_modules, read_metadata, save_modules
-from midms_cli.conditions import condition_spec, extract_condition
 from midms_cli.conditions.io import load_condition
 from midms_cli.config import (
     ModelConfig,
@@ -31,6 +30,7 @@ from midms_cli.config import (
     validate,
 )
 from midms_cli.errors import ConfigError, MidmsError
+from midms_cli.extractors import EXTRACTORS, get_extractor
 from midms_cli.images import load_image, save_png
 from midms_cli.models.midm import MIDM, ExemplarFeatures, LoopResult
 from midms_cli.sampler import REFINERS, translate
@@ -180,14 +180,9 @@ def read_condition(model: MIDM, path: Path, size: int, extract: bool) -> Tensor:
     """(C, size, size) condition in [0, 1]: read from a file, or extracted from a photo (`extract`)."""
     kind = _model_condition_kind(model)
     if extract:
-        spec = condition_spec(kind)
-        if not spec.extract_from_photo:
-            raise MidmsError(
-                f"--extract: this model's condition {kind!r} cannot be computed from a photo; "
-                "pass the condition file itself"
-            )
         photo = load_image(path, size)
-        condition = extract_condition(kind, photo.unsqueeze(0))[0]
+        extractor = get_extractor(kind, next(model.parameters()).device)  # canny, openpose, ade20k
+        condition = extractor(photo.unsqueeze(0))[0]
     else:
         condition = load_condition(path, kind, size)
     expected = model.config.correspondence.cond_channels
@@ -209,7 +204,7 @@ def read_exemplar(model: MIDM, path: Path, size: int, condition_path: Path | Non
     if condition_path is not None:
         return image, read_condition(model, condition_path, size, extract=False)
     kind = _model_condition_kind(model)
-    if not condition_spec(kind).extract_from_photo:
+    if kind not in EXTRACTORS:
         raise MidmsError(
             f"the exemplar's own {kind!r} condition cannot be computed from the photo {path}; "
             "pass it with --ref-cond FILE"
@@ -355,6 +350,8 @@ def translate_pairs(
     size = check_size(model, options.size)
     check_pairs(model, pairs, size, options.extract)
     device = next(model.parameters()).device
+    if options.extract:  # missing estimator weights fail here, before any work
+        get_extractor(_model_condition_kind(model), device)
     results, cached_key, cached = [], None, None
     for index, pair in enumerate(pairs):
         # Read and check both inputs before anything is computed or written.

@@ -18,7 +18,8 @@ from PIL import Image
 
 from midms_cli.conditions import CONDITIONS, ConditionSpec
 from midms_cli.conditions.pose import read_openpose_candidate_subset, read_openpose_json, render_pose
-from midms_cli.data.sources import FolderDataset, list_photos
+from midms_cli.data.plugin import PluginOption
+from midms_cli.data.sources import COMMON_OPTIONS, FolderDataset, list_photos
 from midms_cli.errors import MidmsError
 
 
@@ -33,7 +34,7 @@ def keypoint_files(source: Path, item: str) -> dict[str, Path]:
             return {"keypoints": json_path}
     raise MidmsError(
         f"no OpenPose keypoints for {source / 'img' / item}: expected {candidate} and {subset} "
-        f"(or {stem}_keypoints.json); midms has no pose estimator yet, so run OpenPose first"
+        f"(or {stem}_keypoints.json); run OpenPose first, or pass --extract to estimate them"
     )
 
 
@@ -43,12 +44,23 @@ class DeepFashion(FolderDataset):
     version = "1"
     easy = "last"  # spec 3.1: DeepFashion's easy reference is the last entry of its line
     hard = "random"  # and its hard reference a random training image
+    options = COMMON_OPTIONS + (
+        PluginOption("extract", bool, False, "photos without pose files: estimate keypoints with OpenPose "
+                     "(needs `midms weights add openpose-body FILE`)"),
+    )
+
+    def count(self, source, split, options) -> int:
+        if options.get("extract"):  # missing weights fail here, before any sample
+            from midms_cli.extractors import get_extractor
+
+            get_extractor("openpose")
+        return super().count(source, split, options)
 
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         return CONDITIONS["openpose"]
 
     def all_items(self, source: Path, options: Mapping[str, Any]) -> list[str]:
-        if not (source / "img").is_dir() or not (source / "pose").is_dir():
+        if not (source / "img").is_dir() or not ((source / "pose").is_dir() or options.get("extract")):
             raise MidmsError(
                 f"{source} must hold img/ (photos) and pose/ (OpenPose files) as in CoCosNet's layout"
             )
@@ -58,7 +70,15 @@ class DeepFashion(FolderDataset):
         return source / "img" / item
 
     def condition(self, source, item, image: torch.Tensor, options, size) -> tuple[torch.Tensor, dict]:
-        files = keypoint_files(source, item)
+        try:
+            files = keypoint_files(source, item)
+        except MidmsError:
+            if not options.get("extract"):
+                raise
+            from midms_cli.extractors import get_extractor
+
+            extractor = get_extractor("openpose")  # OpenPose on the photo at --size (spec 3.3 renderer)
+            return extractor(image.unsqueeze(0))[0], {"estimator": extractor.metadata["estimator"]}
         if "keypoints" in files:
             keypoints = read_openpose_json(files["keypoints"])
         else:

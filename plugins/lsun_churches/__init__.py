@@ -17,7 +17,8 @@ from PIL import Image
 
 from midms_cli.conditions import CONDITIONS, ConditionSpec
 from midms_cli.conditions.segmentation import one_hot_ade20k
-from midms_cli.data.sources import FolderDataset, list_photos
+from midms_cli.data.plugin import PluginOption
+from midms_cli.data.sources import COMMON_OPTIONS, FolderDataset, list_photos
 from midms_cli.errors import MidmsError
 
 PHOTOS = (".jpg", ".jpeg", ".webp")
@@ -46,6 +47,17 @@ class LSUNChurches(FolderDataset):
     name = "lsun-churches"
     description = "LSUN churches + ADE20K-150 label PNGs; condition: 151-channel one-hot segmentation"
     version = "1"
+    options = COMMON_OPTIONS + (
+        PluginOption("extract", bool, False, "photos without label PNGs: segment them with Swin-S UperNet "
+                     "(needs `midms weights add swin-s-ade20k FILE`)"),
+    )
+
+    def count(self, source, split, options) -> int:
+        if options.get("extract"):  # missing weights fail here, before any sample
+            from midms_cli.extractors import get_extractor
+
+            get_extractor("ade20k")
+        return super().count(source, split, options)
 
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         return CONDITIONS["ade20k"]
@@ -61,6 +73,11 @@ class LSUNChurches(FolderDataset):
 
     def condition(self, source, item, image: torch.Tensor, options, size) -> tuple[torch.Tensor, dict]:
         path = (source / item).with_suffix(".png")
+        if options.get("extract") and not path.is_file():
+            from midms_cli.extractors import get_extractor
+
+            extractor = get_extractor("ade20k")  # ids = class + 1, as ADE20K's own PNGs
+            return extractor(image.unsqueeze(0))[0], {"estimator": extractor.metadata["estimator"]}
         labels = load_labels(path, size)
         try:
             cond = one_hot_ade20k(labels.unsqueeze(0))[0]
