@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import IO
 
 
+def _default_mode() -> int:
+    """The permissions a plain open() would give a new file (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -37,6 +44,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates the file private (0600); a finished file gets ordinary permissions.
+        os.chmod(tmp, _default_mode())
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from midms_cli.atomic import atomic_path, atomic_write, write_text
@@ -39,3 +41,12 @@ def test_atomic_path_is_a_sibling_temp_file_renamed_on_success(tmp_path):
         assert not target.exists()  # nothing visible before the rename
     assert target.read_bytes() == b"png"
     assert _leftovers(tmp_path) == []
+
+
+def test_finished_files_get_ordinary_permissions_not_the_private_temp_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
