@@ -92,23 +92,20 @@ def child(args: argparse.Namespace) -> dict:
         throughput = {"fp32": matmul_throughput(torch.float32), "bf16": matmul_throughput(torch.bfloat16)}
         first_stage = model.first_stage
         parts = {"unet": model.unet, "encoder": first_stage.encoder, "decoder": first_stage.decoder}
-        # Small presets: FLOPs in a separate pass (the counter's per-op Python overhead would show in
-        # the time); large ones: counted during the timed run, where that overhead is negligible.
-        inline = args.preset != "tiny"
         best = None
         for _ in range(args.repeat):
             with counting(parts) as stats:
                 start = time.perf_counter()
-                image, flops = count_flops(run) if inline else (run(), None)
+                image = run()
                 elapsed = time.perf_counter() - start
             if best is None or elapsed < best[0]:
-                best = (elapsed, stats, flops)
-        elapsed, stats, flops = best
+                best = (elapsed, stats)
+        elapsed, stats = best
         # Matmul throughput again after the run; the best of both is the machine's.
         throughput = {k: max(v, matmul_throughput(torch.bfloat16 if k == "bf16" else torch.float32))
                       for k, v in throughput.items()}
-        if flops is None:
-            _, flops = count_flops(run)
+        # FLOPs in a separate, untimed pass: the counter's per-op dispatch would show in the time.
+        _, flops = count_flops(run)
     save_file({"image": image.float().contiguous()}, args.image_out)  # for the parent's comparison
     # FLOP bound: each network's share at the throughput of the dtype it runs in, the rest (matching,
     # correspondence networks) at float32.

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from midms_cli.cli.app import app
+from midms_cli.cli.app import app, main
 from midms_cli.conditions.io import save_condition
 from midms_cli.config import preset
 from midms_cli.images import save_png
@@ -80,7 +80,9 @@ def test_a_batch_of_conditions_costs_one_batched_unet_pass_per_step_and_one_enco
     assert calls[FeatureEncoder.__name__] == 1 + 1 + 2
 
 
-def test_cli_translation_from_a_model_file_does_only_the_work_the_outputs_need(tiny_model, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cli_translation_from_a_model_file_does_only_the_work_the_outputs_need(tiny_model, tmp_path,
+                                                                              precision):
     model_file = tmp_path / "tiny.safetensors"
     save_midm(model_file, tiny_model)
     torch.manual_seed(2)
@@ -94,10 +96,19 @@ def test_cli_translation_from_a_model_file_does_only_the_work_the_outputs_need(t
 
     with count_calls() as (calls, _):
         result = CliRunner().invoke(app, ["translate", "--pairs", str(tmp_path / "pairs.txt"),
-                                          "--out-dir", str(tmp_path / "out"), "--model", str(model_file)])
+                                          "--out-dir", str(tmp_path / "out"), "--model", str(model_file),
+                                          "--precision", precision])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
     # Per image: 24 UNet calls and one decode; the shared exemplar is encoded once for all three.
     assert calls[UNetModel.__name__] == 3 * OFFICIAL_UNET_CALLS
     assert calls[Decoder.__name__] == 3
     assert calls[Encoder.__name__] == 1
+
+
+def test_cli_rejects_an_unknown_precision_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["translate", "a.png", "b.png", "--precision", "fp8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--precision 'fp8': choose one of fp32, bf16" in err

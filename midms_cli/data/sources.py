@@ -126,6 +126,7 @@ class FolderDataset(BasePlugin, abc.ABC):
     easy = "first"  # spec 3.1: first retrieval candidate (CelebA, LSUN); DeepFashion overrides
     hard = "last"  # last retrieval candidate; DeepFashion: a random training image
     resize = "bicubic"  # spec 3.1 (torchvision Resize on PIL); CelebA-HQ uses bilinear (spec 3.2)
+    extractor_kind: str | None = None  # the condition extractor of `--extract` (midms_cli.extractors)
     options: tuple[PluginOption, ...] = COMMON_OPTIONS
 
     # To be defined by each dataset.
@@ -147,6 +148,22 @@ class FolderDataset(BasePlugin, abc.ABC):
     @abc.abstractmethod
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         """The condition kind these options produce."""
+
+    def _extractor(self, options: Mapping[str, Any]) -> Any:
+        """The condition extractor when `--extract` is on (missing weights: MidmsError), else None."""
+        if self.extractor_kind is None or not options.get("extract"):
+            return None
+        from midms_cli.extractors import get_extractor  # looked up at call time: tests swap it
+
+        return get_extractor(self.extractor_kind)
+
+    def extract(self, image: torch.Tensor, options: Mapping[str, Any]) -> tuple[torch.Tensor, dict] | None:
+        """With `--extract`, the condition estimated from the photo (3, S, S) and the estimator's name
+        in place of source files; None without it, so the caller reports the missing annotation."""
+        extractor = self._extractor(options)
+        if extractor is None:
+            return None
+        return extractor(image.unsqueeze(0))[0], {"estimator": extractor.metadata["estimator"]}
 
     def load(self, source: Path, item: str, options: Mapping[str, Any], size: int) -> Loaded:
         path = self.photo_path(source, item)
@@ -227,6 +244,7 @@ class FolderDataset(BasePlugin, abc.ABC):
 
     def count(self, source: Path | None, split: str, options: Mapping[str, Any]) -> int:
         self.probabilities(split, options)  # a bad --hard-probability fails here, before any sample
+        self._extractor(options)  # and so do missing --extract weights
         return len(self.items(Path(source), split, options))
 
     def samples(

@@ -22,6 +22,9 @@ from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.correspondence import Correspondence, centre_normalize
 from midms_cli.models.unet import UNetModel
 
+# Inference precisions of the networks (MIDM.set_precision; benchmarks/bench_translate.py measures them).
+PRECISIONS = ("fp32", "bf16")
+
 # --------------------------------------------------------------------------------------------
 # Time grids
 
@@ -172,6 +175,22 @@ class MIDM(nn.Module):
         """The first stage stays in eval mode: it is frozen in every phase (spec 2.1)."""
         super().train(mode)
         self.first_stage.eval()
+        return self
+
+    def set_precision(self, precision: str) -> MIDM:
+        """Inference precision of the networks (issue #9), in place; returns self.
+
+        "fp32": float32, the reference. "bf16": the UNet in bfloat16 (96% of a paper-scale
+        translation's FLOPs; the output image moves by ~0.01/255) while the first stage stays
+        float32 (its rounding would reach the image directly, ~1/255). Both use channels-last
+        memory format, oneDNN's fastest layout. The networks take and return float32, so the
+        sampler's arithmetic, the matching and the vector quantisation stay float32.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.unet.to(dtype=dtype, memory_format=torch.channels_last)
+        self.first_stage.to(dtype=torch.float32, memory_format=torch.channels_last)
         return self
 
     def modules_to_save(self) -> dict[str, nn.Module]:

@@ -76,8 +76,9 @@ def resolve_model_file(path: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_midm(path: str | os.PathLike, device: torch.device | str = "cpu") -> MIDM:
-    """Rebuild a MIDM from a model file alone, in eval mode on `device`.
+def load_midm(path: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "fp32") -> MIDM:
+    """Rebuild a MIDM from a model file alone, in eval mode on `device`, networks at `precision`
+    ("fp32" or "bf16", MIDM.set_precision).
 
     A file of another kind, a config that does not validate, or weights that do not fit the
     config is a MidmsError naming the file.
@@ -92,7 +93,7 @@ def load_midm(path: str | os.PathLike, device: torch.device | str = "cpu") -> MI
         raise MidmsError(f"{path} holds an invalid model config: {exc}") from None
     model = MIDM(config)
     load_modules(path, model.modules_to_save(), expected_kind=MODEL_KIND)
-    return model.to(device).eval()
+    return model.to(device).eval().set_precision(precision)
 
 
 def _architecture(config: UNetConfig) -> dict[str, Any]:
@@ -111,7 +112,9 @@ def load_pretrained_unet(path: str | os.PathLike, model: MIDM, device: torch.dev
             f"{path}: its UNet does not match the model's UNet architecture; "
             "use the LDM the model was fine-tuned from"
         )
-    return modules["unet"].to(device).eval()
+    # The refiner runs at the precision of the model's own UNet.
+    dtype = next(model.unet.parameters()).dtype
+    return modules["unet"].to(device).eval().to(dtype=dtype, memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,13 +48,7 @@ class DeepFashion(FolderDataset):
         PluginOption("extract", bool, False, "photos without pose files: estimate keypoints with OpenPose "
                      "(needs `midms weights add openpose-body FILE`)"),
     )
-
-    def count(self, source, split, options) -> int:
-        if options.get("extract"):  # missing weights fail here, before any sample
-            from midms_cli.extractors import get_extractor
-
-            get_extractor("openpose")
-        return super().count(source, split, options)
+    extractor_kind = "openpose"  # OpenPose on the photo at --size, drawn by the spec 3.3 renderer
 
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         return CONDITIONS["openpose"]
@@ -73,12 +67,10 @@ class DeepFashion(FolderDataset):
         try:
             files = keypoint_files(source, item)
         except MidmsError:
-            if not options.get("extract"):
+            extracted = self.extract(image, options)
+            if extracted is None:
                 raise
-            from midms_cli.extractors import get_extractor
-
-            extractor = get_extractor("openpose")  # OpenPose on the photo at --size (spec 3.3 renderer)
-            return extractor(image.unsqueeze(0))[0], {"estimator": extractor.metadata["estimator"]}
+            return extracted
         if "keypoints" in files:
             keypoints = read_openpose_json(files["keypoints"])
         else:

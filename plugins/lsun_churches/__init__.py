@@ -51,13 +51,7 @@ class LSUNChurches(FolderDataset):
         PluginOption("extract", bool, False, "photos without label PNGs: segment them with Swin-S UperNet "
                      "(needs `midms weights add swin-s-ade20k FILE`)"),
     )
-
-    def count(self, source, split, options) -> int:
-        if options.get("extract"):  # missing weights fail here, before any sample
-            from midms_cli.extractors import get_extractor
-
-            get_extractor("ade20k")
-        return super().count(source, split, options)
+    extractor_kind = "ade20k"  # Swin-S UperNet; ids = class + 1, as ADE20K's own PNGs
 
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         return CONDITIONS["ade20k"]
@@ -73,11 +67,9 @@ class LSUNChurches(FolderDataset):
 
     def condition(self, source, item, image: torch.Tensor, options, size) -> tuple[torch.Tensor, dict]:
         path = (source / item).with_suffix(".png")
-        if options.get("extract") and not path.is_file():
-            from midms_cli.extractors import get_extractor
-
-            extractor = get_extractor("ade20k")  # ids = class + 1, as ADE20K's own PNGs
-            return extractor(image.unsqueeze(0))[0], {"estimator": extractor.metadata["estimator"]}
+        extracted = None if path.is_file() else self.extract(image, options)
+        if extracted is not None:
+            return extracted
         labels = load_labels(path, size)
         try:
             cond = one_hot_ade20k(labels.unsqueeze(0))[0]

@@ -80,3 +80,22 @@ def test_bfloat16_first_stage_quantises_in_float32_and_returns_float32():
     torch.testing.assert_close(quantised, expected, atol=1e-6, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(latent, model.encode(image), atol=0.1, rtol=0.05)
+
+
+def test_bf16_translation_stays_within_one_grey_level_of_fp32():
+    """MIDM.set_precision("bf16"): same sampler, UNet in bfloat16; the image moves < 1/255 on average."""
+    from midms_cli.models.midm import MIDM
+    from midms_cli.sampler import translate
+
+    torch.manual_seed(0)
+    reference = randomize(MIDM(preset("tiny")).eval())
+    low = copy.deepcopy(reference).set_precision("bf16")
+    assert next(low.unet.parameters()).dtype == torch.bfloat16
+    assert next(low.first_stage.parameters()).dtype == torch.float32
+    condition = (torch.rand(1, 15, 64, 64) > 0.9).float()
+    exemplar, exemplar_condition = torch.rand(1, 3, 64, 64) * 2 - 1, (torch.rand(1, 15, 64, 64) > 0.9).float()
+    images = [translate(model, condition, exemplar, exemplar_condition,
+                        generator=torch.Generator().manual_seed(0)).image for model in (reference, low)]
+    assert images[1].dtype == torch.float32
+    mae_255 = float((images[1] - images[0]).abs().mean() * 127.5)
+    assert 0 < mae_255 < 1.0
