@@ -110,3 +110,18 @@ def test_info_and_datasets_print_text_without_json(capsys, tmp_path, monkeypatch
     assert "cache_dir" in out and "/tmp/midms-home" in out and not out.lstrip().startswith("{")
     code, out, err = _run_main(["datasets"], capsys)
     assert code == 0 and "synthfaces" in out and not out.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "missing-model", "--data", "missing-shards"],
+    ["prepare", "celebahq", "--source", "missing-folder", "--out", "shards"],
+])
+def test_errors_inside_a_progress_bar_are_still_one_line_and_write_nothing(argv, capsys, tmp_path, monkeypatch):
+    # Commands that open a progress bar before the pipeline validates its inputs must not leave the
+    # bar's last state (a stray line) in front of the error.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run_main(argv, capsys)
+    assert code == 2
+    assert len(err.strip("\n").splitlines()) == 1 and err.splitlines()[-1].startswith("error:")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from midms_cli.cli.state import STATE, emit, err_console
+from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.demo import PROFILES, DemoOptions, run_demo
 
@@ -20,7 +20,7 @@ from midms_cli.pipelines.demo import PROFILES, DemoOptions, run_demo
 def rich_bar(description: str, total: int) -> Iterator[Any]:
     """A progress bar on stderr for the stages that have none of their own (prepare, translate, evaluate)."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=STATE.json) as progress:
+    with progress_bar(*columns) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from midms_cli.cli.state import STATE, emit, err_console
+from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.devices import resolve_device
 from midms_cli.errors import MidmsError
 from midms_cli.metrics import METRICS
@@ -146,14 +146,8 @@ def eval_command(
         raise MidmsError("give --data DIR (prepared shards) to evaluate a model, or --real DIR --fake DIR")
     from midms_cli.pipelines.evaluate import evaluate_model
 
-    with Progress(
-        TextColumn("translating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=STATE.json,
+    with progress_bar(
+        TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
     ) as progress:
         task = progress.add_task("eval", total=None)
         outcome = evaluate_model(

@@ -14,10 +14,9 @@ from typing import Any
 
 import typer
 import typer.main
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
-from midms_cli.cli.state import emit, err_console
+from midms_cli.cli.state import emit, progress_bar
 from midms_cli.data.plugin import SPLITS, PluginOption
 from midms_cli.data.registry import discover, get_plugin
 from midms_cli.errors import MidmsError
@@ -93,8 +92,7 @@ def _run(name: str, params: dict[str, Any]) -> None:
         strict=common["strict"], options=options,
         command=_command_line(name, {**common, **options}),
     )  # fmt: skip
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False) as bar:
+    with progress_bar() as bar:
         tasks: dict[str, Any] = {}
 
         def progress(split_name: str, done: int, total: int) -> None:

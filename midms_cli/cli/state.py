@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 
 @dataclass
@@ -41,3 +49,19 @@ def log(message: str, level: int = 0) -> None:
     """A log line on stderr, shown when -v was given at least `level` times."""
     if STATE.verbose >= level:
         err_console.print(message, highlight=False)
+
+
+def progress_bar(*columns: ProgressColumn | str, transient: bool = False, disable: bool = False) -> Progress:
+    """A rich progress bar on stderr; off with --json and when stderr is not a terminal.
+
+    Rich cannot animate a bar in a pipe: it would only print the last state when the bar stops,
+    which after a user error adds a stray line before the one-line message.
+    """
+    if not columns:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(
+        *columns,
+        console=err_console,
+        transient=transient,
+        disable=disable or STATE.json or not err_console.is_terminal,
+    )

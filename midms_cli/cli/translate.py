@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from midms_cli.cli.state import STATE, emit, err_console
+from midms_cli.cli.state import STATE, emit, progress_bar
 from midms_cli.config import SAMPLING_BUNDLES
 from midms_cli.devices import resolve_device
 from midms_cli.errors import MidmsError
@@ -158,14 +158,9 @@ def translate_command(
         save_steps=save_steps,
         pretrained_unet=pretrained_unet,
     )
-    with Progress(
-        TextColumn("translating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=len(jobs) == 1,
+    with progress_bar(
+        TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        transient=True, disable=len(jobs) == 1,
     ) as bar:
         task = bar.add_task("translate", total=len(jobs))
         results = translate_pairs(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
