@@ -269,8 +269,10 @@ def _tiny() -> ModelConfig:
     config = ModelConfig(
         name="tiny",
         image_size=64,
+        # LDM's KL-f4 layout: trained from scratch at this width it learns several times faster
+        # than the VQ-f4 first stage (measured on synthfaces, see CHANGELOG).
         autoencoder=AutoencoderConfig(
-            resolution=64, n_embed=256, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1
+            kind="kl", double_z=True, resolution=64, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1
         ),
         unet=UNetConfig(
             image_size=16,

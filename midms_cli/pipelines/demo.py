@@ -51,8 +51,9 @@ class DemoProfile:
     warmup_iters: int
     train_iters: int  # end-to-end iterations after the warm-up
     batch_size: int = 8
-    autoencoder_lr: float = 4e-4
+    autoencoder_lr: float = 2e-4  # 4e-4 and above stall the tiny first stage near the mean image
     diffusion_lr: float = 4e-4
+    amp: bool = True  # pretraining in bfloat16 where the hardware has it (CUDA, AVX512-BF16/AMX CPUs)
     grid: int = 4  # the translation grid shows grid conditions x grid exemplars
     variant: str = "canny"  # synthfaces condition; canny is computable from any exemplar photo
     half_precision_export: bool = True  # float16 weights keep the exported file small
@@ -67,11 +68,11 @@ PROFILES: dict[str, DemoProfile] = {
         DemoProfile("quick", "smoke run: a few steps per stage (about 1 CPU-minute)", 64, 16,
                     30, 40, 10, 4, batch_size=4, grid=3),
         DemoProfile("full", "the demo (about 16 CPU-minutes)", 1024, 100,
-                    600, 600, 100, 30),
+                    1500, 800, 100, 30),
         # Sampler chosen on 48 held-out pairs: without the refinement and the confidence mask the
         # under-trained UNet and correspondence of this short run do best (README quality table).
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
-                    1000, 1000, 200, 60, refine="none", confidence_masking=False),
+                    3000, 1500, 300, 100, refine="none", confidence_masking=False),
     )
 }
 
@@ -198,7 +199,7 @@ def _pretrain(options: DemoOptions, kind: str) -> tuple[dict[str, Any], dict[str
     profile = options.profile
     iters = profile.autoencoder_iters if kind == "autoencoder" else profile.diffusion_iters
     lr = profile.autoencoder_lr if kind == "autoencoder" else profile.diffusion_lr
-    config = PretrainConfig(model=kind, lr=lr, batch_size=profile.batch_size, max_iters=iters,
+    config = PretrainConfig(model=kind, lr=lr, batch_size=profile.batch_size, max_iters=iters, amp=profile.amp,
                             checkpoint_every=max(10, min(250, iters)), sample_every=0,
                             seed=2021 + options.seed)
     autoencoder = run_dir(options.out, "autoencoder") if kind == "diffusion" else None

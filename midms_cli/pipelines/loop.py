@@ -51,7 +51,7 @@ class LoopOptions:
     grad_accumulation: int = 1
     grad_clip: float = 0.0  # 0: no clipping
     ema_decay: float = 0.0  # 0: no EMA
-    amp: bool = False  # mixed precision, CUDA only
+    amp: bool = False  # mixed precision: CUDA, or bfloat16 on CPUs that have it natively
     nan_patience: int = 10
     log_every: int = 10
     checkpoint_every: int = 1000

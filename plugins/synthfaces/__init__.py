@@ -54,7 +54,7 @@ def split_seed(seed: int, split: str) -> int:
 class SynthFaces(BasePlugin):
     name = "synthfaces"
     description = "generated face-like images with CelebAMask-HQ-style parts and exact oracles (no download)"
-    version = "1"
+    version = "2"  # 2: canny-variant conditions are Canny edges of the photos themselves
     needs_source = False
     options = (
         PluginOption("variant", str, "official", "condition: official 15-channel CelebA-HQ recipe or canny",

@@ -119,8 +119,8 @@ def sample_appearance(rng: np.random.Generator) -> dict[str, Any]:
 
 
 # A fixed appearance with flat, well separated grey levels and no texture: the Canny part of the
-# condition is computed from the geometry rendered with it, so the condition never depends on the
-# appearance (colours and textures of the real sample).
+# official (CelebA-HQ recipe) condition is computed from the geometry rendered with it, so that
+# condition never depends on the appearance (colours and textures of the real sample).
 NEUTRAL_APPEARANCE: dict[str, Any] = {
     "skin": [0.62] * 3, "skin_shading": 0.0, "light_angle": 0.0, "skin_texture": 0.0,
     "hair": [0.15] * 3, "hair_strand_freq": 1.0, "hair_strand_amp": 0.0, "brow": [0.05] * 3,
@@ -383,18 +383,24 @@ def quantise(image: torch.Tensor) -> torch.Tensor:
 
 
 @one_intra_op_thread()
-def render_condition(geometry: dict[str, Any], size: int, variant: str = "official") -> torch.Tensor:
-    """The condition of a geometry: (15, H, W) CelebA-HQ recipe or (1, H, W) Canny, in [0, 1].
+def render_condition(
+    geometry: dict[str, Any], size: int, variant: str = "official", photo: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The condition of a face: (15, H, W) CelebA-HQ recipe or (1, H, W) Canny, in [0, 1].
 
-    Canny runs on the geometry painted with NEUTRAL_APPEARANCE (flat greys, no texture) instead of
-    the sample's own image, so the condition depends on the geometry alone: any appearance gives the
-    same condition, and the exemplar's appearance is never leaked through the condition.
+    official: the recipe runs on the geometry painted with NEUTRAL_APPEARANCE (flat greys, no
+    texture), so the condition depends on the geometry alone and never leaks the appearance.
+    canny: Canny edges of the face's own `photo` (3, H, W) in [-1, 1], exactly what `midms
+    translate` computes from an exemplar photo and how edge datasets are made from real photos, so
+    a model trained on these pairs sees the same kind of exemplar condition at inference.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown synthfaces variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    structure, masks = render(geometry, NEUTRAL_APPEARANCE, size)
     if variant == "canny":
-        return canny_edges(structure.unsqueeze(0))[0]
+        if photo is None:
+            raise ValueError("the canny variant computes the condition from the photo; pass photo=")
+        return canny_edges(photo.unsqueeze(0))[0]
+    structure, masks = render(geometry, NEUTRAL_APPEARANCE, size)
     return render_celebahq(masks.unsqueeze(0), structure.unsqueeze(0))[0]
 
 
@@ -453,12 +459,12 @@ def make_pair(index: int, seed: int, size: int, variant: str = "official", pairi
     appearance = appearance_of(index, seed)
     ref_geometry = exemplar_geometry(index, seed, pairing)
     image, _ = render(geometry, appearance, size)
-    cond = render_condition(geometry, size, variant)
+    cond = render_condition(geometry, size, variant, image)
     if pairing == "self":
         ref, ref_cond = image.clone(), cond.clone()
     else:
         ref, _ = render(ref_geometry, appearance, size)
-        ref_cond = render_condition(ref_geometry, size, variant)
+        ref_cond = render_condition(ref_geometry, size, variant, ref)
     # The exemplar shares the sample's appearance, so the oracle (cond geometry, ref appearance) is
     # the sample itself; `oracle()` computes it for any other pairing.
     return {

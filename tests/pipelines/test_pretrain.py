@@ -6,6 +6,7 @@ Pins: loss goes down, exact resume after a SIGTERM mid-run, sample grids, EMA ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,9 +53,12 @@ def shards(tmp_path_factory) -> Path:
     return synthfaces_shards(tmp_path_factory.getbasetemp())
 
 
-def tiny32() -> ModelConfig:
-    """The tiny preset at 32 px (latent 8x8), so a training step takes a fraction of a second."""
+def tiny32(first_stage: str = "kl") -> ModelConfig:
+    """The tiny preset at 32 px (latent 8x8), so a training step takes a fraction of a second;
+    `first_stage` "vq" swaps its KL-f4 first stage for a VQ-f4 one with 256 codes."""
     config = preset("tiny")
+    if first_stage == "vq":
+        config.autoencoder = dataclasses.replace(config.autoencoder, kind="vq", double_z=False, n_embed=256)
     config.image_size = SIZE
     config.autoencoder.resolution = SIZE
     config.unet.image_size = SIZE // config.autoencoder.downsample
@@ -81,7 +85,10 @@ def _first_batch(shards: Path) -> dict:
     return next(iter(make_loader(shards, "train", 4, shuffle=False, resample=False)))
 
 
-def test_autoencoder_pretraining_lowers_the_loss_and_writes_model_and_samples(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_stage, regulariser", [("kl", "kl"), ("vq", "codebook")])
+def test_autoencoder_pretraining_lowers_the_loss_and_writes_model_and_samples(
+    shards, tmp_path, monkeypatch, first_stage, regulariser
+):
     sampled_steps = []
     write_samples = pipeline.loop.Trainer.write_samples
 
@@ -91,21 +98,21 @@ def test_autoencoder_pretraining_lowers_the_loss_and_writes_model_and_samples(sh
 
     monkeypatch.setattr(pipeline.loop.Trainer, "write_samples", counting_write_samples)
     out = tmp_path / "ae"
-    result = pipeline.pretrain("autoencoder", shards, out, tiny32(), _config(max_iters=12, sample_every=6),
-                               progress=False)
+    result = pipeline.pretrain("autoencoder", shards, out, tiny32(first_stage),
+                               _config(max_iters=12, sample_every=6), progress=False)
     assert result.step == 12 and not result.interrupted
     # The exported file is an `ldm` first stage that load_ldm reads; an untrained one reconstructs worse.
     batch = _first_batch(shards)
     torch.manual_seed(0)
     untrained = out.parent / "untrained.safetensors"
-    task = pipeline.build_autoencoder_task(tiny32(), _config(), {})
+    task = pipeline.build_autoencoder_task(tiny32(first_stage), _config(), {})
     task.export(untrained)
     assert _eval_autoencoder_loss(out / "model.safetensors", batch) < 0.9 * _eval_autoencoder_loss(
         untrained, batch
     )
     metrics = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13))
-    assert {"loss", "reconstruction", "codebook", "samples_per_sec", "nonfinite_skipped"} <= set(metrics[0])
+    assert {"loss", "reconstruction", regulariser, "samples_per_sec", "nonfinite_skipped"} <= set(metrics[0])
     # Sample grids: one row per sample (batch 2), columns ground truth | reconstruction.
     grids = sorted((out / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step-00000006.png", "step-00000012.png"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from midms_plugins.synthfaces import PLUGIN, split_seed
 from midms_plugins.synthfaces.generator import (
+    NEUTRAL_APPEARANCE,
     appearance_of,
     exemplar_geometry,
     geometry_of,
@@ -19,6 +20,7 @@ from midms_plugins.synthfaces.generator import (
 
 from midms_cli.conditions.celebahq import CELEBAHQ_PARTS
 from midms_cli.data.plugin import DatasetPlugin, Sample
+from midms_cli.extractors import get_extractor
 
 SIZE = 32
 
@@ -44,8 +46,7 @@ def test_render_shapes_ranges_and_parts():
     assert (labels == 0).any() and (labels == 14).any()  # background and neck
 
 
-@pytest.mark.parametrize("variant, channels", [("official", 15), ("canny", 1)])
-def test_condition_depends_only_on_geometry(variant, channels):
+def test_official_condition_depends_only_on_geometry():
     geometry = sample_geometry(np.random.default_rng(1))
     appearance_a = sample_appearance(np.random.default_rng(2))
     appearance_b = sample_appearance(np.random.default_rng(3))
@@ -53,13 +54,30 @@ def test_condition_depends_only_on_geometry(variant, channels):
     image_b, masks_b = render(geometry, appearance_b, SIZE)
     assert not torch.equal(image_a, image_b)
     assert torch.equal(masks_a, masks_b)
-    cond = render_condition(geometry, SIZE, variant)
-    assert cond.shape == (channels, SIZE, SIZE) and cond.min() >= 0 and cond.max() <= 1
+    cond = render_condition(geometry, SIZE, "official")
+    assert cond.shape == (15, SIZE, SIZE) and cond.min() >= 0 and cond.max() <= 1
     assert torch.equal(torch.round(cond * 255) / 255, cond)  # multiples of 1/255
     # The pair's condition is this geometry-only rendering, whatever the appearance of the sample.
-    pair = make_pair(5, 0, SIZE, variant, "hard")
-    assert torch.equal(pair["cond"], render_condition(geometry_of(5, 0), SIZE, variant))
-    assert torch.equal(pair["ref_cond"], render_condition(exemplar_geometry(5, 0, "hard"), SIZE, variant))
+    pair = make_pair(5, 0, SIZE, "official", "hard")
+    assert torch.equal(pair["cond"], render_condition(geometry_of(5, 0), SIZE, "official"))
+    assert torch.equal(pair["ref_cond"], render_condition(exemplar_geometry(5, 0, "hard"), SIZE, "official"))
+
+
+@pytest.mark.parametrize("pairing", ["easy", "hard", "self"])
+def test_canny_conditions_are_what_translate_computes_from_the_photos(pairing):
+    # `midms translate` computes an exemplar's condition with the canny extractor; training pairs
+    # must carry the same thing, for the condition and for the exemplar.
+    extract = get_extractor("canny", torch.device("cpu"))
+    pair = make_pair(3, 0, SIZE, "canny", pairing)
+    for photo, condition in ((pair["image"], pair["cond"]), (pair["ref"], pair["ref_cond"])):
+        assert condition.shape == (1, SIZE, SIZE)
+        assert set(condition.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(condition, extract(photo[None])[0])
+    # Textures add edges that the flat structure rendering does not have.
+    flat = render(geometry_of(3, 0), NEUTRAL_APPEARANCE, SIZE)[0]
+    assert not torch.equal(pair["cond"], extract(flat[None])[0])
+    with pytest.raises(ValueError, match="photo"):
+        render_condition(geometry_of(3, 0), SIZE, "canny")
 
 
 @pytest.mark.parametrize("pairing", ["easy", "hard"])
