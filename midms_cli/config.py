@@ -289,7 +289,9 @@ def _tiny() -> ModelConfig:
     )
     config.training = TrainingConfig(
         batch_size=8,
-        lr_correspondence=2e-4,
+        # 1e-3: on synthfaces 300 warm-up steps gave a decoded warp of 16.3 dB oracle PSNR against
+        # 14.5 with 2e-4 (15.6 after 600 steps); the matches are still far from converged at this budget.
+        lr_correspondence=1e-3,
         lr_unet=2e-5,
         warmup_iters=200,
         max_iters=400,

@@ -116,7 +116,9 @@ def test_info_and_datasets_print_text_without_json(capsys, tmp_path, monkeypatch
     ["eval", "--model", "missing-model", "--data", "missing-shards"],
     ["prepare", "celebahq", "--source", "missing-folder", "--out", "shards"],
 ])
-def test_errors_inside_a_progress_bar_are_still_one_line_and_write_nothing(argv, capsys, tmp_path, monkeypatch):
+def test_errors_inside_a_progress_bar_are_still_one_line_and_write_nothing(
+    argv, capsys, tmp_path, monkeypatch
+):
     # Commands that open a progress bar before the pipeline validates its inputs must not leave the
     # bar's last state (a stray line) in front of the error.
     monkeypatch.chdir(tmp_path)

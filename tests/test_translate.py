@@ -293,6 +293,19 @@ def test_sampling_settings_map_steps_and_noise_level(files):
     assert sampling_settings(model, noise_level=0.2).ddim_steps == 20
 
 
+def test_official_sampler_comes_back_from_a_one_step_model_file(files):
+    """The bundled model stores a one-step loop (no room for re-warps); asking for 4 steps at 0.25
+    restores the official loop, re-warps included, while a stored 4-step choice is kept as it is."""
+    model = load_midm(files / "model.safetensors")
+    stored = model.config.sampling
+    model.config.sampling = dataclasses.replace(stored, interleaved_steps=1, rewarp_positions=())
+    back = sampling_settings(model, steps=4, noise_level=0.25, refine="finetuned")
+    assert (back.ddim_steps, back.interleaved_steps, back.rewarp_positions) == (16, 4, (1, 2))
+    assert back.refine == "finetuned"
+    model.config.sampling = dataclasses.replace(stored, interleaved_steps=4, rewarp_positions=(2,))
+    assert sampling_settings(model, steps=6, noise_level=0.25).rewarp_positions == (2,)
+
+
 def test_a_run_directory_resolves_to_its_latest_checkpoint(files, tmp_path):
     model = load_midm(files / "model.safetensors")
     run_dir = RunDir(tmp_path / "run", keep=2)

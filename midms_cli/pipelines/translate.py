@@ -133,7 +133,8 @@ def sampling_settings(
 
     `steps` interleaved UNet steps at `noise_level` (the fraction of the DDIM grid that is run,
     official 4 steps at 0.25 of a 16-step grid, Table 4) give ddim_steps = round(steps / level).
-    Re-warp positions keep the official ones that still lie strictly inside the loop.
+    Re-warp positions keep the model's ones that still lie strictly inside the loop; a model whose
+    loop is too short for any (fewer than 3 steps) stores none, and then the official ones apply.
     """
     sampling = model.config.sampling
     if variant is not None:
@@ -149,7 +150,10 @@ def sampling_settings(
             raise MidmsError(f"--steps must be at least 1, got {count}")
         if not 0 < level < 1:
             raise MidmsError(f"--noise-level must lie strictly between 0 and 1, got {level}")
-        positions = tuple(p for p in sampling.rewarp_positions if 0 < p < count - 1)
+        stored = sampling.rewarp_positions
+        if sampling.interleaved_steps < 3:  # nothing could be stored: fall back to the official positions
+            stored = SamplingConfig().rewarp_positions
+        positions = tuple(p for p in stored if 0 < p < count - 1)
         sampling = dataclasses.replace(
             sampling,
             interleaved_steps=count,
