@@ -211,3 +211,22 @@ def test_loop_with_gradients_reaches_unet_and_iteration_encoder(model, inputs):
     )
     assert all(not p.requires_grad for p in model.first_stage.parameters())
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("resize", ["nearest", "area"])
+def test_condition_reaches_the_latent_grid_by_the_configured_resize(resize):
+    """Nearest keeps one pixel of each f x f cell (official, spec 5.11), area keeps the cell's mean:
+    a one-pixel edge off the sampled pixels vanishes under nearest and counts 1/16 under area (f = 4)."""
+    config = micro_config()
+    config.correspondence = dataclasses.replace(config.correspondence, condition_resize=resize)
+    model = MIDM(config)
+    condition = torch.zeros(1, 2, 32, 32)
+    condition[0, 0, 5, 4:8] = 1.0  # an edge along row 5 of cell (1, 1)
+    condition[0, 1] = torch.arange(32.0).repeat(32, 1)  # a ramp along x
+    grid = model.to_latent_grid(condition)
+    assert grid.shape == (1, 2, 8, 8)
+    sampled = condition[0, :, ::4, ::4]  # nearest picks the cell's top-left pixel at an integer factor
+    cell_means = condition[0].reshape(2, 8, 4, 8, 4).mean(dim=(2, 4))
+    expected = sampled if resize == "nearest" else cell_means
+    torch.testing.assert_close(grid[0], expected)
+    assert grid[0, 0, 1, 1] == (0.0 if resize == "nearest" else 4 / 16)

@@ -405,7 +405,13 @@ def train_command(
         None,
         "--lr-correspondence",
         rich_help_panel=_OPT,
-        help="Learning rate of the correspondence networks.",
+        help="Learning rate of the correspondence networks in this phase (training.lr_correspondence_e2e).",
+    ),
+    warmup_lr: float | None = typer.Option(
+        None,
+        "--warmup-lr",
+        rich_help_panel=_OPT,
+        help="Without --init: learning rate of the correspondence networks in the warm-up.",
     ),
     lr_unet: float | None = typer.Option(
         None, "--lr-unet", help="Learning rate of the UNet (paper 1.5e-7).", rich_help_panel=_OPT
@@ -443,7 +449,8 @@ def train_command(
         "warmup_iters": warmup_iters,
         "warmup_epochs": warmup_epochs,
         "batch_size": batch_size,
-        "lr_correspondence": lr_correspondence,
+        "lr_correspondence_e2e": lr_correspondence,
+        "lr_correspondence": warmup_lr,
         "lr_unet": lr_unet,
         "grad_accumulation": grad_accumulation,
         "grad_clip": grad_clip,

@@ -209,12 +209,15 @@ class MIDM(nn.Module):
         return self.first_stage.decode(latent)
 
     def to_latent_grid(self, condition: Tensor, latent_size: tuple[int, int] | None = None) -> Tensor:
-        """Nearest-resize a condition map to the latent grid (spec 1.3; the condition is not VQ-encoded).
+        """Resize a condition map to the latent grid (spec 1.3; the condition is not VQ-encoded):
+        nearest (official) or area, as `correspondence.condition_resize` says.
 
         Without `latent_size`, the grid of an image of the condition's size (H / f, W / f).
         """
         factor = self.config.autoencoder.downsample
         size = latent_size or (condition.shape[-2] // factor, condition.shape[-1] // factor)
+        if self.config.correspondence.condition_resize == "area":
+            return F.adaptive_avg_pool2d(condition, size)
         return F.interpolate(condition, size=size, mode="nearest")
 
     # -- matching ----------------------------------------------------------------------------

@@ -57,9 +57,6 @@ class DemoProfile:
     grid: int = 4  # the translation grid shows grid conditions x grid exemplars
     variant: str = "canny"  # synthfaces condition; canny is computable from any exemplar photo
     half_precision_export: bool = True  # float16 weights keep the exported file small
-    # The end-to-end phase's correspondence learning rate. The warm-up's 1e-3 undid the warm-up's
-    # matches within 100 steps (decoded warp 19.4 -> 13.9 dB oracle PSNR on 48 tuning pairs); 1e-4 keeps them.
-    train_lr_correspondence: float = 1e-4
     # Sampler settings written into the exported model (training always uses the official ones).
     refine: str = "finetuned"
     confidence_masking: bool = True
@@ -247,7 +244,6 @@ def stage_train(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
 
     out = run_dir(options.out, "train")
     config = model_config(options.profile)
-    config.training.lr_correspondence = options.profile.train_lr_correspondence
     result = train(data_dir(options.out), out, config,
                    init=run_dir(options.out, "warmup"), device_name=options.device,
                    extra={"command": command_line()}, progress=options.show_progress)

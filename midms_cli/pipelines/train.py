@@ -251,14 +251,18 @@ class MIDMsTask:
 
 
 def parameter_groups(model: MIDM, training: TrainingConfig, phase: str) -> list[dict[str, Any]]:
-    """AdamW groups (spec 2.4): correspondence networks at lr_correspondence, the UNet at lr_unet.
+    """AdamW groups (spec 2.4): correspondence networks at lr_correspondence (end to end:
+    lr_correspondence_e2e when set), the UNet at lr_unet.
 
     In warm-up the UNet is frozen and left out, so warm-up cannot change it (not even by weight decay).
     """
+    lr = training.lr_correspondence
+    if phase == "e2e" and training.lr_correspondence_e2e > 0:
+        lr = training.lr_correspondence_e2e
     groups = [
         {
             "params": list(model.correspondence.parameters()),
-            "lr": training.lr_correspondence,
+            "lr": lr,
             "name": "correspondence",
         }
     ]

@@ -195,12 +195,16 @@ def test_diffusion_branch_noises_one_grid_point_earlier_than_it_queries(
     assert eps_loss.item() == pytest.approx(float((seen["noise"] ** 2).mean()), rel=1e-9)
 
 
-@pytest.mark.parametrize(("phase", "offset"), [("warmup", 0), ("e2e", 7), ("e2e", 60)])
-def test_optimizer_groups_and_epoch_milestones(base, phase, offset):
+@pytest.mark.parametrize(("phase", "offset", "e2e_lr"),
+                         [("warmup", 0, 0.0), ("e2e", 7, 0.0), ("e2e", 60, 0.0), ("warmup", 0, 2e-5),
+                          ("e2e", 7, 2e-5)])
+def test_optimizer_groups_and_epoch_milestones(base, phase, offset, e2e_lr):
     """Spec 2.4: AdamW (wd 0.05) with the correspondence and UNet groups at their own learning rates;
     MultiStepLR milestones in epochs become optimizer steps, counted from the start of the phase;
-    a milestone the warm-up passed (offset 60 = epoch 12) has already lowered the learning rate."""
-    config = tiny32(lr_correspondence=3e-6, lr_unet=1.5e-7, milestones=(10, 12, 14, 24), gamma=0.3)
+    a milestone the warm-up passed (offset 60 = epoch 12) has already lowered the learning rate.
+    lr_correspondence_e2e, when set, replaces the correspondence rate of the end-to-end phase only."""
+    config = tiny32(lr_correspondence=3e-6, lr_correspondence_e2e=e2e_lr, lr_unet=1.5e-7,
+                    milestones=(10, 12, 14, 24), gamma=0.3)
     model = pipeline.model_from_base(config, base)
     task = pipeline.build_task(model, phase, {}, steps_per_epoch=5, offset=offset)
     optimizer = task.optimizers["midms"]
@@ -208,7 +212,10 @@ def test_optimizer_groups_and_epoch_milestones(base, phase, offset):
     groups = {g["name"]: g for g in optimizer.param_groups}
     steps = [50, 60, 70, 120]  # epochs (10, 12, 14, 24) x 5 steps per epoch
     decay = 0.3 ** sum(s <= offset for s in steps)
-    expected = {"correspondence": 3e-6 * decay} | ({"unet": 1.5e-7 * decay} if phase == "e2e" else {})
+    correspondence = e2e_lr if phase == "e2e" and e2e_lr > 0 else 3e-6
+    expected = {"correspondence": correspondence * decay}
+    if phase == "e2e":
+        expected["unet"] = 1.5e-7 * decay
     assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(expected)
     assert all(g["weight_decay"] == 0.05 and g["betas"] == (0.9, 0.999) for g in groups.values())
     owners = {"correspondence": model.correspondence, "unet": model.unet}
@@ -317,6 +324,24 @@ def test_warmup_cli_dry_run_shows_overrides(shards, base, tmp_path):
     assert config["training"]["warmup_epochs"] == 2
     assert config["run"]["phase"] == "warmup"
     assert not (tmp_path / "w").exists()
+
+
+def test_train_cli_learning_rates_are_per_phase(shards, base, tmp_path):
+    """`midms train --lr-correspondence` sets the end-to-end rate, `--warmup-lr` the warm-up's."""
+    from typer.testing import CliRunner
+
+    from midms_cli.cli.app import app
+
+    args = ["train", "--data", str(shards), "--base", str(base), "--out", str(tmp_path / "t"), "--dry-run"]
+    result = CliRunner().invoke(app, [*args, "--lr-correspondence", "5e-5", "--warmup-lr", "0.002"])
+    assert result.exit_code == 0, result.output
+    training = json.loads(result.stdout)["training"]
+    assert (training["lr_correspondence_e2e"], training["lr_correspondence"]) == (5e-5, 0.002)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    training = json.loads(result.stdout)["training"]
+    assert (training["lr_correspondence_e2e"], training["lr_correspondence"]) == (1e-4, 1e-3)  # tiny preset
+    assert not (tmp_path / "t").exists()
 
 
 def test_train_needs_a_starting_point(shards, tmp_path):
