@@ -274,12 +274,16 @@ def _tiny() -> ModelConfig:
         name="tiny",
         image_size=64,
         # LDM's KL-f4 layout: trained from scratch at this width it learns several times faster
-        # than the VQ-f4 first stage (measured on synthfaces, see CHANGELOG).
+        # than the VQ-f4 first stage (measured on synthfaces, see CHANGELOG). 8 latent channels
+        # instead of KL-f4's 3: 20.3 against 17.7 dB validation PSNR after 700 steps on synthfaces.
         autoencoder=AutoencoderConfig(
-            kind="kl", double_z=True, resolution=64, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1
+            kind="kl", double_z=True, embed_dim=8, z_channels=8, resolution=64, ch=32, ch_mult=(1, 2, 4),
+            num_res_blocks=1,
         ),
         unet=UNetConfig(
             image_size=16,
+            in_channels=8,
+            out_channels=8,
             model_channels=32,
             num_res_blocks=1,
             attention_resolutions=(2,),
@@ -287,8 +291,10 @@ def _tiny() -> ModelConfig:
             num_heads=-1,
             num_head_channels=16,
         ),
+        # Area resize: at f = 4 nearest keeps 1 of 16 pixels of a one-pixel edge map. On synthfaces
+        # "hard" pairs the warm-up's decoded warp reached 18.2 dB oracle PSNR with area, 17.0 with nearest.
         correspondence=CorrespondenceConfig(
-            channels=32, stem_channels=(16, 32, 64), trunk_blocks=2, spade_hidden=32
+            channels=32, stem_channels=(16, 32, 64), trunk_blocks=2, spade_hidden=32, condition_resize="area"
         ),
     )
     config.training = TrainingConfig(

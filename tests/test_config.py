@@ -160,7 +160,7 @@ def _with(path: str, value) -> dict:
         ({"condition": "sketch"}, "condition: 'sketch' is not one of celebahq-edges"),
         ({"training": {"losses": {"perceptual_layer": "r99"}}}, "training.losses.perceptual_layer: 'r99'"),
         (_with("sampling.interleaved_steps", 40), "sampling.interleaved_steps: must be between 1 and"),
-        (_with("unet.in_channels", 4), "unet.in_channels: must equal autoencoder.embed_dim 3"),
+        (_with("unet.in_channels", 4), "unet.in_channels: must equal autoencoder.embed_dim 8"),
         # The official grid's last point would index past the 1000-entry schedule above 500 steps.
         (_with("sampling.ddim_steps", 501), "sampling.ddim_steps: must be between 2 and 500 with the"),
         (_with("sampling.refine_grid_steps", 1000), "sampling.refine_grid_steps: must be between 2 and 500"),

@@ -125,9 +125,11 @@ class OfficialMatching(nn.Module):
 
 
 def ldm_config():
-    config = preset("tiny")
-    autoencoder = dataclasses.replace(config.autoencoder, resolution=32, n_embed=16)
-    unet = dataclasses.replace(config.unet, image_size=8, channel_mult=(1, 2), attention_resolutions=(2,))
+    config = preset("tiny")  # narrowed, with the released model's 3 latent channels
+    autoencoder = dataclasses.replace(config.autoencoder, resolution=32, n_embed=16, embed_dim=LATENT,
+                                      z_channels=LATENT)
+    unet = dataclasses.replace(config.unet, image_size=8, channel_mult=(1, 2), attention_resolutions=(2,),
+                               in_channels=LATENT, out_channels=LATENT)
     return autoencoder, unet, config.diffusion
 
 

@@ -74,7 +74,7 @@ PROFILES: dict[str, DemoProfile] = {
         # short-trained UNet loses detail at every denoising step, so one interleaved step, with the
         # confidence mask and without the refinement, scored best (README, "The bundled model").
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
-                    3000, 1500, 600, 100, refine="none", interleaved_steps=1),
+                    3000, 3000, 600, 100, refine="none", interleaved_steps=1),
     )
 }
 

@@ -118,9 +118,9 @@ def test_vq_encode_decode_shapes_and_forward_loss():
     assert model.decode(z).shape == (2, 3, 16, 16)
     recon, aux = model(x)
     assert recon.shape == x.shape and set(aux) == {"vq"}
-    # tiny preset: 64 px images -> 3x16x16 latents
+    # tiny preset: 64 px images -> 8x16x16 latents
     tiny_preset = build_autoencoder(preset("tiny").autoencoder)
-    assert tiny_preset.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 16, 16)
+    assert tiny_preset.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 8, 16, 16)
     with torch.device("meta"):
         paper = build_autoencoder(preset("paper-celebahq").autoencoder)
         assert paper.decode(paper.encode(torch.empty(1, 3, 256, 256))).shape == (1, 3, 256, 256)

@@ -85,7 +85,7 @@ def test_tiny_shapes_and_normalised_matching_features():
     torch.manual_seed(0)
     config = preset("tiny")
     model = Correspondence(config.correspondence, config.latent_channels).eval()
-    cond, latent = torch.rand(2, 15, 16, 16), torch.randn(2, 3, 16, 16)
+    cond, latent = torch.rand(2, 15, 16, 16), torch.randn(2, config.latent_channels, 16, 16)
     d_x = model.condition_features(cond)
     d_y = model.latent_features(latent)
     assert d_x.shape == d_y.shape == (2, 32, 16, 16)

@@ -49,9 +49,10 @@ def test_bfloat16_group_norm_matches_float32_arithmetic_on_the_same_inputs():
 
 def test_bfloat16_unet_takes_and_returns_float32_and_stays_close():
     torch.manual_seed(0)
-    unet = randomize(UNetModel(preset("tiny").unet).eval())
+    config = preset("tiny").unet
+    unet = randomize(UNetModel(config).eval())
     low = copy.deepcopy(unet).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([249, 63])
+    x, t = torch.randn(2, config.in_channels, 16, 16), torch.tensor([249, 63])
     with torch.no_grad():
         reference, out = unet(x, t), low(x, t)
     assert out.dtype == torch.float32 and out.shape == reference.shape
@@ -68,7 +69,7 @@ def test_bfloat16_first_stage_quantises_in_float32_and_returns_float32():
         model.quantize.embedding.weight.normal_(0, 1)
     low = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     image = torch.rand(1, 3, 32, 32) * 2 - 1
-    z = torch.randn(1, 3, 8, 8)
+    z = torch.randn(1, cfg.embed_dim, 8, 8)
     with torch.no_grad():
         latent, decoded = low.encode(image), low.decode(z)
         quantised, _ = low.quantize_latent(z)
@@ -76,7 +77,7 @@ def test_bfloat16_first_stage_quantises_in_float32_and_returns_float32():
     # The code choice is made in float32 with the full-precision latent: the bf16-rounded codebook
     # is the only difference, so the same codes are picked as by a float32 search on that codebook.
     codebook = low.quantize.embedding.weight.float()
-    expected = codebook[nearest_codes(z, codebook)].reshape(1, 8, 8, 3).permute(0, 3, 1, 2)
+    expected = codebook[nearest_codes(z, codebook)].reshape(1, 8, 8, cfg.embed_dim).permute(0, 3, 1, 2)
     # (z + (z_q − z) is z_q up to one float32 rounding: the straight-through form.)
     torch.testing.assert_close(quantised, expected, atol=1e-6, rtol=0)
     with torch.no_grad():

@@ -166,8 +166,8 @@ def test_small_unet_forward_shape_and_time_dependence(updown):
 def test_tiny_preset_forward_and_paper_forward_on_meta():
     tiny = preset("tiny")
     unet = UNetModel(tiny.unet)
-    out = unet(torch.randn(1, 3, tiny.latent_size, tiny.latent_size), torch.tensor([10]))
-    assert out.shape == (1, 3, 16, 16)
+    out = unet(torch.randn(1, 8, tiny.latent_size, tiny.latent_size), torch.tensor([10]))
+    assert out.shape == (1, 8, 16, 16)  # the tiny first stage has 8 latent channels
     for name, channels, size in (("paper-celebahq", 3, 64), ("paper-lsun", 4, 32)):
         with torch.device("meta"):
             unet = UNetModel(preset(name).unet)
