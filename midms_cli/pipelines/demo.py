@@ -68,7 +68,7 @@ PROFILES: dict[str, DemoProfile] = {
     for profile in (
         DemoProfile("quick", "smoke run: a few steps per stage (about 1 CPU-minute)", 64, 16,
                     30, 40, 10, 4, batch_size=4, grid=3),
-        DemoProfile("full", "the demo (about 12 minutes on 2 CPU cores)", 1024, 100,
+        DemoProfile("full", "the demo (about 11 minutes on 2 CPU cores)", 1024, 100,
                     1500, 800, 100, 30),
         # Sampler chosen on 48 tuning pairs (synthfaces val, seed 7; not the 200 evaluation pairs): the
         # short-trained UNet loses detail at every denoising step, so one interleaved step, with the
