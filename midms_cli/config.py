@@ -409,8 +409,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "condition": ("celebahq-edges", "canny", "openpose", "ade20k"),
     "autoencoder.kind": ("vq", "kl"),
-    "correspondence.condition_resize": ("nearest", "area"),
     "autoencoder.posterior": ("mode", "sample"),
+    "correspondence.condition_resize": ("nearest", "area"),
     "diffusion.beta_schedule": ("linear",),
     "sampling.variant": tuple(SAMPLING_BUNDLES),
     "sampling.grid": ("official", "exact"),
