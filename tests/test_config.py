@@ -157,6 +157,8 @@ def _with(path: str, value) -> dict:
         ({"training": {"betas": [0.9]}}, "training.betas: expected 2 values, got 1"),
         ({"sampling": "fast"}, "sampling: expected an object, got str"),
         ({"sampling": {"grid": "weird"}}, "sampling.grid: 'weird' is not one of official, exact"),
+        ({"correspondence": {"condition_resize": "bilinear"}},
+         "correspondence.condition_resize: 'bilinear' is not one of nearest, area"),
         ({"condition": "sketch"}, "condition: 'sketch' is not one of celebahq-edges"),
         ({"training": {"losses": {"perceptual_layer": "r99"}}}, "training.losses.perceptual_layer: 'r99'"),
         (_with("sampling.interleaved_steps", 40), "sampling.interleaved_steps: must be between 1 and"),
