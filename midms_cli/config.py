@@ -335,6 +335,12 @@ def preset(name: str) -> ModelConfig:
     return config
 
 
+def rewarp_positions_within(positions: tuple[int, ...], steps: int) -> tuple[int, ...]:
+    """The re-warp positions that fit a loop of `steps` interleaved steps: 1 .. steps - 2 (the first
+    step uses the initial warp, the last never re-warps)."""
+    return tuple(p for p in positions if 0 < p < steps - 1)
+
+
 def apply_sampling_variant(sampling: SamplingConfig, variant: str) -> SamplingConfig:
     """A copy of `sampling` with every quirk field set from the named bundle."""
     if variant not in SAMPLING_BUNDLES:
@@ -470,7 +476,8 @@ def validate(config: ModelConfig) -> None:
              f"must be between 2 and {most_steps} with the {s.grid} grid")
     _require(1 <= s.interleaved_steps <= s.ddim_steps - 1, "sampling.interleaved_steps",
              f"must be between 1 and ddim_steps - 1 = {s.ddim_steps - 1}")
-    _require(all(0 < p < s.interleaved_steps - 1 for p in s.rewarp_positions), "sampling.rewarp_positions",
+    _require(rewarp_positions_within(s.rewarp_positions, s.interleaved_steps) == tuple(s.rewarp_positions),
+             "sampling.rewarp_positions",
              f"positions must lie in 1..{s.interleaved_steps - 2} (the first step uses the initial warp, "
              "the last never warps)")
     _require(s.tau > 0 and s.flow_tau > 0, "sampling.tau", "temperatures must be positive")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from midms_cli.atomic import write_text
-from midms_cli.config import ModelConfig, preset
+from midms_cli.config import ModelConfig, preset, rewarp_positions_within
 from midms_cli.errors import MidmsError
 from midms_cli.images import save_png
 
@@ -243,8 +243,7 @@ def stage_train(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     from midms_cli.pipelines.train import train
 
     out = run_dir(options.out, "train")
-    config = model_config(options.profile)
-    result = train(data_dir(options.out), out, config,
+    result = train(data_dir(options.out), out, model_config(options.profile),
                    init=run_dir(options.out, "warmup"), device_name=options.device,
                    extra={"command": command_line()}, progress=options.show_progress)
     return _loop_numbers(result), {"run": str(out), "model": str(out / "model.safetensors")}
@@ -362,8 +361,7 @@ def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     model.config.sampling = dataclasses.replace(
         sampling, refine=profile.refine, confidence_masking=profile.confidence_masking,
         interleaved_steps=profile.interleaved_steps,
-        # re-warps happen between steps: positions past the last step's predecessor drop out
-        rewarp_positions=tuple(p for p in sampling.rewarp_positions if p < profile.interleaved_steps - 1),
+        rewarp_positions=rewarp_positions_within(sampling.rewarp_positions, profile.interleaved_steps),
     )
     if options.profile.half_precision_export:
         model = copy.deepcopy(model).half()

@@ -26,6 +26,7 @@ from midms_cli.config import (
     SamplingConfig,
     UNetConfig,
     apply_sampling_variant,
+    rewarp_positions_within,
     to_dict,
     validate,
 )
@@ -153,7 +154,7 @@ def sampling_settings(
         stored = sampling.rewarp_positions
         if sampling.interleaved_steps < 3:  # nothing could be stored: fall back to the official positions
             stored = SamplingConfig().rewarp_positions
-        positions = tuple(p for p in stored if 0 < p < count - 1)
+        positions = rewarp_positions_within(stored, count)
         sampling = dataclasses.replace(
             sampling,
             interleaved_steps=count,
