@@ -166,6 +166,10 @@ class TrainingConfig:
     max_iters: int = 0  # 0: run `epochs` epochs
     epochs: int = 4
     grad_accumulation: int = 1
+    # Spec 3.1 augmentation of the warm-up and end-to-end batches: resize to load_size, crop back to
+    # image_size at a random window (the exemplar draws its own), flip with p = 0.5. 0: no resize.
+    load_size: int = 0
+    flip: bool = False
     grad_clip: float = 0.0  # 0: no clipping (official)
     ema_decay: float = 0.0  # 0: no EMA (official)
     amp: bool = False
@@ -228,15 +232,21 @@ class ModelConfig:
 # Presets
 
 
+def _official_augmentation(config: ModelConfig, load_size: int) -> ModelConfig:
+    """Spec 3.1: resize to `load_size` (0: keep the stored 256), crop 256 at random, flip."""
+    config.training.load_size, config.training.flip = load_size, True
+    return config
+
+
 def _paper_celebahq() -> ModelConfig:
-    return ModelConfig()
+    return _official_augmentation(ModelConfig(), 286)
 
 
 def _paper_deepfashion() -> ModelConfig:
     # VQ-f4 as for CelebA (paper appendix); no LDM exists for DeepFashion, users pretrain one.
     config = ModelConfig(name="paper-deepfashion", condition="openpose")
     config.correspondence.cond_channels = 20
-    return config
+    return _official_augmentation(config, 0)  # 256 stored, 256 loaded: flips only
 
 
 def _paper_lsun() -> ModelConfig:
@@ -265,7 +275,7 @@ def _paper_lsun() -> ModelConfig:
     config.training.losses.perceptual = 0.05
     config.training.losses.perceptual_layer = "r52"
     config.training.losses.segmentation = 100.0
-    return config
+    return _official_augmentation(config, 286)
 
 
 def _tiny() -> ModelConfig:
@@ -486,6 +496,8 @@ def validate(config: ModelConfig) -> None:
              f"must be between 1 and refine_grid_steps - 1 = {s.refine_grid_steps - 1}")
     _require(t.batch_size >= 1, "training.batch_size", "must be >= 1")
     _require(t.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
+    _require(t.load_size == 0 or t.load_size >= config.image_size, "training.load_size",
+             f"must be 0 (no resize) or at least image_size ({config.image_size})")
     _require(t.lr_correspondence >= 0 and t.lr_unet >= 0, "training.lr_correspondence", "must be >= 0")
     _require(t.lr_correspondence_e2e >= 0, "training.lr_correspondence_e2e",
              "must be >= 0 (0: lr_correspondence)")

@@ -69,6 +69,7 @@ def test_paper_celebahq_matches_the_spec():
     _assert_fields(config.training.losses, LOSSES, "losses")
     assert config.condition == "celebahq-edges" and config.correspondence.cond_channels == 15
     assert (config.latent_channels, config.latent_size) == (3, 64)  # latent 3x64x64 [1.1]
+    assert (config.training.load_size, config.training.flip) == (286, True)  # [3.1] resize 286, crop 256
 
 
 def test_paper_deepfashion_matches_the_spec():
@@ -79,6 +80,7 @@ def test_paper_deepfashion_matches_the_spec():
     _assert_fields(config.diffusion, CELEBAHQ_DIFFUSION, "diffusion")
     _assert_fields(config.training.losses, LOSSES, "losses")
     assert config.condition == "openpose" and config.correspondence.cond_channels == 20
+    assert (config.training.load_size, config.training.flip) == (0, True)  # [3.1] 256 loaded: flips only
 
 
 def test_paper_lsun_matches_the_spec():
@@ -98,6 +100,7 @@ def test_paper_lsun_matches_the_spec():
     lsun_losses = {**LOSSES, "perceptual": 0.05, "perceptual_layer": "r52", "segmentation": 100.0}
     _assert_fields(config.training.losses, lsun_losses, "losses")
     assert config.condition == "ade20k" and config.correspondence.cond_channels == 151  # 150 + 1
+    assert (config.training.load_size, config.training.flip) == (286, True)
 
 
 def test_tiny_preset_is_small_and_consistent():
@@ -163,6 +166,8 @@ def _with(path: str, value) -> dict:
         ({"training": {"losses": {"perceptual_layer": "r99"}}}, "training.losses.perceptual_layer: 'r99'"),
         (_with("sampling.interleaved_steps", 40), "sampling.interleaved_steps: must be between 1 and"),
         (_with("unet.in_channels", 4), "unet.in_channels: must equal autoencoder.embed_dim 8"),
+        (_with("training.load_size", 60),
+         "training.load_size: must be 0 (no resize) or at least image_size (64)"),
         # The official grid's last point would index past the 1000-entry schedule above 500 steps.
         (_with("sampling.ddim_steps", 501), "sampling.ddim_steps: must be between 2 and 500 with the"),
         (_with("sampling.refine_grid_steps", 1000), "sampling.refine_grid_steps: must be between 2 and 500"),

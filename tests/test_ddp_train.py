@@ -42,6 +42,7 @@ def tiny32_config() -> dict:
     config.training.lr_correspondence = 1e-3
     config.training.sample_every = 0
     config.training.log_every = 1
+    config.training.load_size = 0  # the preset's load size belongs to its 64 px images
     return ModelConfig.from_dict(config.to_dict()).to_dict()
 
 

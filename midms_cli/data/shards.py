@@ -319,15 +319,33 @@ def shuffled(items: Iterable[Any], buffer: int, rng: random.Random) -> Iterator[
     yield from pool
 
 
-def crop_and_flip(sample: dict[str, Any], crop: int | None, flip: bool, rng: random.Random) -> dict[str, Any]:
+def _resized(name: str, value: Any, size: int) -> Any:
+    """One field of a sample at size x size: photos bilinear, condition maps nearest, the rest unchanged."""
+    if name not in IMAGE_FIELDS + CONDITION_FIELDS or value.shape[-2:] == (size, size):
+        return value
+    mode = "nearest" if name in CONDITION_FIELDS else "bilinear"
+    return torch.nn.functional.interpolate(value[None], size=(size, size), mode=mode)[0]
+
+
+def crop_and_flip(
+    sample: dict[str, Any], crop: int | None, flip: bool, rng: random.Random, load_size: int | None = None
+) -> dict[str, Any]:
     """Spec 3.1 training augmentation: a random `crop` x `crop` window and a horizontal flip (p = 0.5).
 
+    With `load_size`, every picture is first resized to load_size x load_size (photos bilinear,
+    condition maps nearest, so edges and one-hot labels stay binary) and `crop` defaults to the
+    shard's own size: the official resize-286-crop-256 on shards stored at 256.
     The target (image, cond and the oracle, which is aligned with them) shares one draw; the exemplar
     (ref, ref_cond) gets its own, except for a self pair, whose exemplar is the target itself with the
     target's crop and flip. Unlike the official code (spec 5, item 24) ref_cond stays aligned with ref.
     """
     size = sample["image"].shape[-1]
     crop = size if crop is None else crop
+    if load_size is not None:
+        if load_size < crop:
+            raise MidmsError(f"load size {load_size} must be at least the crop size {crop}")
+        sample = {name: _resized(name, value, load_size) for name, value in sample.items()}
+        size = load_size
     if not 0 < crop <= size:
         raise MidmsError(f"crop {crop} must be between 1 and the shard image size {size}")
 
@@ -373,9 +391,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         report: Callable[[str], None] = stderr_report,
         crop: int | None = None,
         flip: bool = False,
+        load_size: int | None = None,
     ):
         super().__init__()
-        self.crop, self.flip = crop, flip
+        self.crop, self.flip, self.load_size = crop, flip, load_size
         self.shards, self.shuffle, self.resample, self.seed = shards, shuffle, resample, seed
         self.buffer, self.strict, self.rank, self.world, self.report = buffer, strict, rank, world, report
         self.epoch = 0
@@ -427,7 +446,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self._corrupt(name, CorruptShard(f"{name}: sample {item['__key__']}: {exc}"))
                 continue
             self.stats.samples += 1
-            yield crop_and_flip(sample, self.crop, self.flip, rng) if self.crop or self.flip else sample
+            if self.crop or self.flip or self.load_size:
+                sample = crop_and_flip(sample, self.crop, self.flip, rng, self.load_size)
+            yield sample
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -480,6 +501,7 @@ def make_loader(
     report: Callable[[str], None] = stderr_report,
     crop: int | None = None,
     flip: bool = False,
+    load_size: int | None = None,
 ) -> ShardLoader:
     """Batches {"image", "cond", "ref", "ref_cond", ["oracle"], "meta"} of ROOT/split.
 
@@ -488,7 +510,8 @@ def make_loader(
     `loader.skipped_shards`; read-time corruption is reported by the worker) or raise with strict.
     resample=False needs at least one shard per rank (else MidmsError); a DataLoader worker left
     without a shard just ends its share at once, so fewer shards than workers never hangs.
-    crop / flip: spec 3.1 augmentation (`crop_and_flip`), e.g. shards prepared at 286 px, crop=256.
+    crop / flip / load_size: spec 3.1 augmentation (`crop_and_flip`): shards prepared at 286 px with
+    crop=256, or shards at 256 px with load_size=286.
     """
     if batch_size < 1:
         raise MidmsError(f"batch size must be at least 1, got {batch_size}")
@@ -517,6 +540,7 @@ def make_loader(
         report=report,
         crop=crop,
         flip=flip,
+        load_size=load_size,
     )
     # An endless stream has no last batch; a finite pass keeps its short last batch (evaluation).
     return ShardLoader(

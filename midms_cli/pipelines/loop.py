@@ -327,17 +327,21 @@ def endless_epochs(loader: Iterable, batch_size: int) -> Iterator[dict[str, Any]
             )
 
 
-def shard_loader(data: Path, split: str, batch_size: int, num_workers: int = 0) -> Callable[[int], Iterable]:
+def shard_loader(
+    data: Path, split: str, batch_size: int, num_workers: int = 0, *, load_size: int = 0, flip: bool = False
+) -> Callable[[int], Iterable]:
     """A loader factory over WebDataset shards: seed -> an endless per-rank batch stream.
 
     Each rank reads only its own shards (split by node and worker), pass after pass, so ranks see
-    disjoint data and none runs dry before another (no hang on uneven shards).
+    disjoint data and none runs dry before another (no hang on uneven shards). load_size / flip:
+    the spec 3.1 augmentation (`crop_and_flip`; 0 / False: none).
     """
     from midms_cli.data.shards import make_loader
 
     def make(seed: int) -> Iterable:
         loader = make_loader(
-            data, split, batch_size, shuffle=True, resample=False, seed=seed, num_workers=num_workers
+            data, split, batch_size, shuffle=True, resample=False, seed=seed, num_workers=num_workers,
+            flip=flip, load_size=load_size or None,
         )
         return endless_epochs(loader, batch_size)
 

@@ -460,7 +460,9 @@ def run_phase(
         loop.write_run_config(out, run)
     task = build_task(model, phase, model_config.to_dict(), steps_per_epoch, offset)
     options = loop_options(training, Path(out), max_iters, **loop_overrides)
-    loader = loop.shard_loader(data, "train", training.batch_size, num_workers)
+    loader = loop.shard_loader(
+        data, "train", training.batch_size, num_workers, load_size=training.load_size, flip=training.flip
+    )
     return loop.Trainer(task, options, loader, device).run()
 
 

@@ -276,6 +276,34 @@ def test_self_pair_exemplar_keeps_the_targets_crop_and_flip():
         assert torch.equal(out["ref"], out["image"]) and torch.equal(out["ref_cond"], out["cond"])
 
 
+def test_load_size_resizes_then_crops_back_to_the_shard_size(tmp_path):
+    import torch.nn.functional as F
+
+    run(tmp_path, splits=("train",), options={"count": 6})
+    load = SIZE + 3
+    loader = make_loader(tmp_path, "train", 1, resample=False, load_size=load, seed=1)
+    windows_differ = False
+    for batch in loader:
+        sample = {k: v[0] for k, v in batch.items() if k != "meta"}
+        full = expected(0, "train", batch["meta"][0]["index"], SIZE, 2)
+        loaded = {  # the official recipe: photos bilinear, label/edge maps nearest, then the crop
+            name: F.interpolate(full[name][None], size=(load, load),
+                                mode="nearest" if name.endswith("cond") else "bilinear")[0]
+            for name in ("image", "cond", "ref", "ref_cond")
+        }
+        assert sample["image"].shape == (3, SIZE, SIZE) and sample["ref_cond"].shape == (2, SIZE, SIZE)
+        target, exemplar = _window(loaded["image"], sample["image"]), _window(loaded["ref"], sample["ref"])
+        assert target and target == _window(loaded["cond"], sample["cond"])
+        assert exemplar and exemplar == _window(loaded["ref_cond"], sample["ref_cond"])
+        assert all(not mirrored for _, _, mirrored in target | exemplar)  # flip is off
+        # Nearest keeps the condition's values: a binary edge map stays binary.
+        assert set(sample["cond"].unique().tolist()) <= set(full["cond"].unique().tolist())
+        windows_differ |= target != exemplar
+    assert windows_differ
+    with pytest.raises(MidmsError, match=f"load size {SIZE - 1} must be at least the crop size {SIZE}"):
+        next(iter(make_loader(tmp_path, "train", 1, load_size=SIZE - 1)))
+
+
 def test_single_pass_with_fewer_shards_than_ranks_is_a_clear_error(tmp_path):
     run(tmp_path, splits=("train",), options={"count": 4}, shard_size=2)  # 2 shards
     with pytest.raises(MidmsError, match="2 readable shard\\(s\\) for 3 processes.*--shard-size"):

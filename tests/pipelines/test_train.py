@@ -40,8 +40,9 @@ def tiny32(**training) -> ModelConfig:
     config.image_size = SIZE
     config.autoencoder.resolution = SIZE
     config.unet.image_size = SIZE // config.autoencoder.downsample
+    # No resize-and-crop unless a test asks: the preset's load size belongs to its 64 px images.
     for name, value in {"batch_size": 2, "sample_every": 0, "checkpoint_every": 1000, "log_every": 1,
-                        **training}.items():
+                        "load_size": 0, **training}.items():
         setattr(config.training, name, value)
     return ModelConfig.from_dict(config.to_dict())
 
@@ -263,6 +264,24 @@ def test_warmup_in_epochs_runs_one_pass_over_the_data_and_records_the_steps(shar
     assert (recorded["warmup_iters"], recorded["warmup_epochs"]) == (2, 0)  # a resume counts steps
     again = pipeline.warmup(shards, out, config, base, progress=False)  # finished: nothing more to do
     assert again.step == 2
+
+
+def test_training_batches_get_the_configs_resize_crop_and_flip(shards, base, tmp_path, monkeypatch):
+    from midms_cli.data import shards as shard_module
+
+    seen = []
+    make_loader_unpatched = shard_module.make_loader
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["load_size"], kwargs["flip"]))
+        return make_loader_unpatched(*args, **kwargs)
+
+    monkeypatch.setattr(shard_module, "make_loader", recording)
+    config = tiny32(warmup_iters=1, load_size=SIZE + 4, flip=True)
+    assert pipeline.warmup(shards, tmp_path / "aug", config, base, progress=False).step == 1
+    config = tiny32(warmup_iters=1)
+    assert pipeline.warmup(shards, tmp_path / "plain", config, base, progress=False).step == 1
+    assert seen == [(SIZE + 4, True), (None, False)]
 
 
 def test_train_without_init_warms_up_first_then_updates_unet_and_correspondence(shards, base, tmp_path):
