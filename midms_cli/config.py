@@ -323,7 +323,15 @@ def _tiny() -> ModelConfig:
         checkpoint_every=100,
         sample_every=100,
         seed=2021,
-        losses=LossConfig(feature_net="first-stage"),
+        # Spec 3.1's resize-and-crop at the official ratio (286 / 256 ~ 72 / 64), the exemplar with its
+        # own window, and flips. Without it the matches learn position instead of content: on 48
+        # synthfaces pairs 98 % of a 600-step warm-up's matches were the identity and its decoded warp
+        # scored 20.47 dB oracle PSNR (exemplar copied: 20.59); with it, after 900 steps, 86 % and 20.74.
+        load_size=72,
+        flip=True,
+        # Perceptual weight 1 instead of 0.002: the first-stage features are weaker than VGG's. After
+        # 300 augmented warm-up steps the decoded warp scored 19.45 against 18.99 dB with 0.002.
+        losses=LossConfig(feature_net="first-stage", perceptual=1.0),
     )
     return config
 

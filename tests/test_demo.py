@@ -21,7 +21,8 @@ EXAMPLES = REPO / "examples"
 
 # Smaller than `--quick`: the same stages and code path, a couple of steps each.
 TINY = demo.DemoProfile("quick", "test", train_count=16, eval_count=4, autoencoder_iters=2, diffusion_iters=2,
-                        warmup_iters=2, train_iters=1, batch_size=2, grid=2)
+                        warmup_iters=2, train_iters=1, batch_size=2, grid=2,
+                        refine="none", interleaved_steps=1, ddim_steps=32, tau=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,13 @@ def test_demo_outputs_are_valid_images_and_a_loadable_model(demo_run):
 
     metadata = read_metadata(summary["model"], expected_kind="midms")
     assert metadata["demo_profile"] == "quick" and metadata["config"]["condition"] == "canny"
-    assert load_midm(summary["model"]).config.correspondence.cond_channels == 1
+    config = load_midm(summary["model"]).config
+    assert config.correspondence.cond_channels == 1
+    # The profile's sampler is the exported file's default; training kept the preset's.
+    sampling = config.sampling
+    stored = (sampling.refine, sampling.interleaved_steps, sampling.ddim_steps, sampling.tau)
+    assert stored == ("none", 1, 32, 0.02)
+    assert json.loads((out / "runs" / "train" / "config.json").read_text())["sampling"]["tau"] == 0.005
 
 
 def test_demo_rerun_skips_finished_stages(demo_run):

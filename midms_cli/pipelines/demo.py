@@ -61,6 +61,8 @@ class DemoProfile:
     refine: str = "finetuned"
     confidence_masking: bool = True
     interleaved_steps: int = 4
+    ddim_steps: int = 16  # the grid the interleaved steps end on: noise level interleaved_steps / ddim_steps
+    tau: float = 0.005  # warp softmax temperature
 
 
 PROFILES: dict[str, DemoProfile] = {
@@ -74,7 +76,7 @@ PROFILES: dict[str, DemoProfile] = {
         # short-trained UNet loses detail at every denoising step, so one interleaved step, with the
         # confidence mask and without the refinement, scored best (README, "The bundled model").
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
-                    3000, 3000, 600, 100, refine="none", interleaved_steps=1),
+                    3000, 3000, 900, 100, refine="none", interleaved_steps=1, ddim_steps=32, tau=0.02),
     )
 }
 
@@ -360,7 +362,7 @@ def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     sampling = model.config.sampling
     model.config.sampling = dataclasses.replace(
         sampling, refine=profile.refine, confidence_masking=profile.confidence_masking,
-        interleaved_steps=profile.interleaved_steps,
+        interleaved_steps=profile.interleaved_steps, ddim_steps=profile.ddim_steps, tau=profile.tau,
         rewarp_positions=rewarp_positions_within(sampling.rewarp_positions, profile.interleaved_steps),
     )
     if options.profile.half_precision_export:
