@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from midms_cli.checkpoint import load_checkpoint, module_state, save_modules
-from midms_cli.config import ModelConfig, preset
+from midms_cli.config import LossConfig, ModelConfig, preset
 from midms_cli.data.shards import make_loader
 from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.feature_net import FirstStageFeatures
@@ -40,9 +40,11 @@ def tiny32(**training) -> ModelConfig:
     config.image_size = SIZE
     config.autoencoder.resolution = SIZE
     config.unet.image_size = SIZE // config.autoencoder.downsample
-    # No resize-and-crop unless a test asks: the preset's load size belongs to its 64 px images.
+    # The official loss weights, and no resize, crop or flip unless a test asks (the preset's load
+    # size belongs to its 64 px images).
+    config.training.losses.perceptual = LossConfig().perceptual
     for name, value in {"batch_size": 2, "sample_every": 0, "checkpoint_every": 1000, "log_every": 1,
-                        "load_size": 0, **training}.items():
+                        "load_size": 0, "flip": False, **training}.items():
         setattr(config.training, name, value)
     return ModelConfig.from_dict(config.to_dict())
 
