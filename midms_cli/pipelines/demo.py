@@ -70,11 +70,12 @@ PROFILES: dict[str, DemoProfile] = {
     for profile in (
         DemoProfile("quick", "smoke run: a few steps per stage (about 1 CPU-minute)", 64, 16,
                     30, 40, 10, 4, batch_size=4, grid=3),
-        DemoProfile("full", "the demo (about 11 minutes on 2 CPU cores)", 1024, 100,
+        DemoProfile("full", "the demo (about 10 minutes on 2 CPU cores)", 1024, 100,
                     1500, 800, 100, 30),
         # Sampler chosen on 48 tuning pairs (synthfaces val, seed 7; not the 200 evaluation pairs): the
-        # short-trained UNet loses detail at every denoising step, so one interleaved step, with the
-        # confidence mask and without the refinement, scored best (README, "The bundled model").
+        # short-trained UNet loses detail at every denoising step, so one interleaved step at noise level
+        # 1/32, with the confidence mask, without the refinement and with the softer warp τ = 0.02,
+        # scored best (README, "The bundled model").
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
                     3000, 3000, 900, 100, refine="none", interleaved_steps=1, ddim_steps=32, tau=0.02),
     )
