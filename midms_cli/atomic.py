@@ -44,9 +44,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp creates the file private (0600); a finished file gets ordinary permissions.
-        os.chmod(tmp, _default_mode())
         yield tmp
+        # mkstemp creates the file private (0600), and writers that replace the file (safetensors
+        # does) may too: the finished file gets ordinary permissions.
+        os.chmod(tmp, _default_mode())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -50,3 +50,20 @@ def test_finished_files_get_ordinary_permissions_not_the_private_temp_mode(tmp_p
     finally:
         os.umask(umask)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_writer_that_recreates_the_file_privately_still_leaves_ordinary_permissions(tmp_path):
+    import torch
+
+    from midms_cli.checkpoint import save_checkpoint
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "replaced.bin") as tmp:
+            tmp.unlink()
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))  # as a write-then-rename writer would
+        save_checkpoint(tmp_path / "model.safetensors", {"w": torch.zeros(2)}, {}, "midms")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "replaced.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
