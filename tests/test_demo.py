@@ -22,7 +22,7 @@ EXAMPLES = REPO / "examples"
 # Smaller than `--quick`: the same stages and code path, a couple of steps each.
 TINY = demo.DemoProfile("quick", "test", train_count=16, eval_count=4, autoencoder_iters=2, diffusion_iters=2,
                         warmup_iters=2, train_iters=1, batch_size=2, grid=2,
-                        refine="none", interleaved_steps=1, ddim_steps=32, tau=0.02)
+                        sampler={"refine": "none", "interleaved_steps": 1, "ddim_steps": 32, "tau": 0.02})
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from midms_cli.atomic import write_text
-from midms_cli.config import ModelConfig, preset, rewarp_positions_within
+from midms_cli.config import ModelConfig, preset, rewarp_positions_within, validate
 from midms_cli.errors import MidmsError
 from midms_cli.images import save_png
 
@@ -57,12 +57,9 @@ class DemoProfile:
     grid: int = 4  # the translation grid shows grid conditions x grid exemplars
     variant: str = "canny"  # synthfaces condition; canny is computable from any exemplar photo
     half_precision_export: bool = True  # float16 weights keep the exported file small
-    # Sampler settings written into the exported model (training always uses the official ones).
-    refine: str = "finetuned"
-    confidence_masking: bool = True
-    interleaved_steps: int = 4
-    ddim_steps: int = 16  # the grid the interleaved steps end on: noise level interleaved_steps / ddim_steps
-    tau: float = 0.005  # warp softmax temperature
+    # SamplingConfig fields written into the exported model over the trained model's (the preset's,
+    # official) sampler; training never sees them.
+    sampler: dict[str, Any] = field(default_factory=dict)
 
 
 PROFILES: dict[str, DemoProfile] = {
@@ -77,7 +74,8 @@ PROFILES: dict[str, DemoProfile] = {
         # 1/32, with the confidence mask, without the refinement and with the softer warp τ = 0.02,
         # scored best (README, "The bundled model").
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
-                    3000, 3000, 900, 100, refine="none", interleaved_steps=1, ddim_steps=32, tau=0.02),
+                    3000, 3000, 900, 100,
+                    sampler={"refine": "none", "interleaved_steps": 1, "ddim_steps": 32, "tau": 0.02}),
     )
 }
 
@@ -359,13 +357,10 @@ def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     from midms_cli.checkpoint import save_modules
 
     model = _trained_model(options)
-    profile = options.profile
-    sampling = model.config.sampling
-    model.config.sampling = dataclasses.replace(
-        sampling, refine=profile.refine, confidence_masking=profile.confidence_masking,
-        interleaved_steps=profile.interleaved_steps, ddim_steps=profile.ddim_steps, tau=profile.tau,
-        rewarp_positions=rewarp_positions_within(sampling.rewarp_positions, profile.interleaved_steps),
-    )
+    sampling = dataclasses.replace(model.config.sampling, **options.profile.sampler)
+    positions = rewarp_positions_within(sampling.rewarp_positions, sampling.interleaved_steps)
+    model.config.sampling = dataclasses.replace(sampling, rewarp_positions=positions)
+    validate(model.config)  # a profile's sampler that the model file could not load fails here
     if options.profile.half_precision_export:
         model = copy.deepcopy(model).half()
     path = options.out / BUNDLE_NAME
