@@ -82,11 +82,32 @@ def test_demo_outputs_are_valid_images_and_a_loadable_model(demo_run):
     assert metadata["demo_profile"] == "quick" and metadata["config"]["condition"] == "canny"
     config = load_midm(summary["model"]).config
     assert config.correspondence.cond_channels == 1
-    # The profile's sampler is the exported file's default; training kept the preset's.
+    # The profile's sampler is the exported file's default and the one its training ran with.
     sampling = config.sampling
     stored = (sampling.refine, sampling.interleaved_steps, sampling.ddim_steps, sampling.tau)
     assert stored == ("none", 1, 32, 0.02)
-    assert json.loads((out / "runs" / "train" / "config.json").read_text())["sampling"]["tau"] == 0.005
+    for phase in ("warmup", "train"):
+        trained = json.loads((out / "runs" / phase / "config.json").read_text())["sampling"]
+        fields = ("refine", "interleaved_steps", "ddim_steps", "tau")
+        assert tuple(trained[k] for k in fields) == stored
+
+
+def test_model_config_applies_the_profile_sampler_over_the_preset():
+    official = demo.model_config(demo.PROFILES["full"]).sampling
+    assert official.interleaved_steps == 4 and official.rewarp_positions == (1, 2)  # spec 1.7
+    config = demo.model_config(TINY)
+    sampling = config.sampling
+    stored = (sampling.refine, sampling.interleaved_steps, sampling.ddim_steps, sampling.tau)
+    assert stored == ("none", 1, 32, 0.02)
+    assert sampling.rewarp_positions == ()  # a one-step loop has no step between the first and the last
+    assert sampling.confidence_masking == official.confidence_masking  # fields the profile leaves alone
+    assert config.training.max_iters == TINY.warmup_iters + TINY.train_iters
+
+
+def test_model_config_refuses_a_profile_sampler_a_model_file_could_not_hold():
+    bad = demo.DemoProfile("bad", "test", 16, 4, 2, 2, 2, 1, sampler={"tau": 0.0})
+    with pytest.raises(MidmsError, match=r"sampling\.tau"):
+        demo.model_config(bad)
 
 
 def test_demo_rerun_skips_finished_stages(demo_run):
@@ -100,6 +121,17 @@ def test_demo_refuses_a_folder_made_with_other_settings(demo_run):
     options = demo.DemoOptions(out=out, profile=TINY, seed=4)
     with pytest.raises(MidmsError, match="other settings"):
         demo.run_demo(options)
+
+
+def test_demo_refuses_a_folder_of_an_older_plan_version(tmp_path):
+    options = demo.DemoOptions(out=tmp_path, profile=TINY, seed=3)
+    older = {k: v for k, v in demo.plan(options).items() if k != "version"}
+    (tmp_path / demo.PLAN_FILE).write_text(json.dumps(older))
+    with pytest.raises(MidmsError, match="midms version"):
+        demo.check_plan(tmp_path, demo.plan(options))
+    demo.check_plan(tmp_path / "new", demo.plan(options))  # a new folder records the plan
+    demo.check_plan(tmp_path / "new", demo.plan(options))  # and accepts it again
+    assert json.loads((tmp_path / "new" / demo.PLAN_FILE).read_text())["version"] == demo.PLAN_VERSION
 
 
 def test_demo_redoes_a_stage_whose_record_is_missing(demo_run, tmp_path):

@@ -35,6 +35,9 @@ IMAGE_SIZE = 64  # the tiny preset: 64 px images, 16 x 16 latents
 STAGES = ("prepare", "autoencoder", "diffusion", "warmup", "train", "export", "translate", "evaluate")
 BUNDLE_NAME = "midms-tiny.safetensors"
 PLAN_FILE = "demo.json"
+# Raised whenever the same profile would train differently, so that a folder of an older version is
+# refused instead of finished with mixed stages. 2: the profile's sampler also trains.
+PLAN_VERSION = 2
 SUMMARY_FILE = "summary.json"
 
 
@@ -57,8 +60,8 @@ class DemoProfile:
     grid: int = 4  # the translation grid shows grid conditions x grid exemplars
     variant: str = "canny"  # synthfaces condition; canny is computable from any exemplar photo
     half_precision_export: bool = True  # float16 weights keep the exported file small
-    # SamplingConfig fields written into the exported model over the trained model's (the preset's,
-    # official) sampler; training never sees them.
+    # SamplingConfig fields over the preset's (official) sampler: the end-to-end phase trains the loop
+    # they describe, the warm-up warps with their τ, and the exported model samples with them.
     sampler: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,13 +141,17 @@ def model_config(profile: DemoProfile) -> ModelConfig:
     # Few steps: checkpoint often enough that an interrupted stage loses little, sample at the end only.
     training.checkpoint_every = max(10, min(100, profile.train_iters))
     training.sample_every = 0
+    sampling = dataclasses.replace(config.sampling, **profile.sampler)
+    positions = rewarp_positions_within(sampling.rewarp_positions, sampling.interleaved_steps)
+    config.sampling = dataclasses.replace(sampling, rewarp_positions=positions)
+    validate(config)  # a profile whose sampler a model file could not hold fails before any training
     return config
 
 
 def plan(options: DemoOptions) -> dict[str, Any]:
     """What a demo folder was made with; a rerun with other settings is refused, not mixed."""
-    return {"profile": asdict(options.profile), "seed": options.seed, "dataset": DATASET,
-            "image_size": IMAGE_SIZE}
+    return {"version": PLAN_VERSION, "profile": asdict(options.profile), "seed": options.seed,
+            "dataset": DATASET, "image_size": IMAGE_SIZE}
 
 
 def check_plan(out: Path, wanted: dict[str, Any]) -> None:
@@ -155,7 +162,7 @@ def check_plan(out: Path, wanted: dict[str, Any]) -> None:
         except json.JSONDecodeError:
             stored = None
         if stored != wanted:
-            raise MidmsError(f"{out} holds a demo run with other settings (profile or seed); "
+            raise MidmsError(f"{out} holds a demo run with other settings (profile, seed or midms version); "
                              "use another --out or delete that folder")
     else:
         write_text(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
@@ -352,15 +359,10 @@ def headline_numbers(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
-    """The trained model as one inference file (float16 weights: the bundled model stays < 10 MB) with the
-    profile's sampler settings."""
+    """The trained model as one inference file (float16 weights: the bundled model stays < 10 MB)."""
     from midms_cli.checkpoint import save_modules
 
-    model = _trained_model(options)
-    sampling = dataclasses.replace(model.config.sampling, **options.profile.sampler)
-    positions = rewarp_positions_within(sampling.rewarp_positions, sampling.interleaved_steps)
-    model.config.sampling = dataclasses.replace(sampling, rewarp_positions=positions)
-    validate(model.config)  # a profile's sampler that the model file could not load fails here
+    model = _trained_model(options)  # trained with the profile's sampler, which it keeps
     if options.profile.half_precision_export:
         model = copy.deepcopy(model).half()
     path = options.out / BUNDLE_NAME
