@@ -361,7 +361,7 @@ def test_train_cli_learning_rates_are_per_phase(shards, base, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     training = json.loads(result.stdout)["training"]
-    assert (training["lr_correspondence_e2e"], training["lr_correspondence"]) == (1e-4, 1e-3)  # tiny preset
+    assert (training["lr_correspondence_e2e"], training["lr_correspondence"]) == (1e-5, 1e-3)  # tiny preset
     assert not (tmp_path / "t").exists()
 
 
