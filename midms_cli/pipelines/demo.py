@@ -75,7 +75,7 @@ PROFILES: dict[str, DemoProfile] = {
         # Sampler chosen on 48 tuning pairs (synthfaces val, seed 7; not the 200 evaluation pairs): the
         # short-trained UNet loses detail at every denoising step, so one interleaved step at noise level
         # 1/32, with the confidence mask, without the refinement and with the softer warp τ = 0.02,
-        # scored best (README, "The bundled model").
+        # scored best (README, "The bundled model"); the run trains with it as well.
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 2048, 200,
                     3000, 3000, 900, 100,
                     sampler={"refine": "none", "interleaved_steps": 1, "ddim_steps": 32, "tau": 0.02}),
