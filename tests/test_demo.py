@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from midms_cli.cli.app import app
 from midms_cli.errors import MidmsError
-from midms_cli.pipelines import demo
+from midms_cli.grids import CAPTION_HEIGHT, GAP, condition_picture, labelled_grid
+from midms_cli.pipelines import demo, demo_stages
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -67,8 +68,9 @@ def test_demo_outputs_are_valid_images_and_a_loadable_model(demo_run):
     out, summary, _ = demo_run
     with Image.open(summary["grid"]) as grid:
         grid.load()
-        # (grid + 1) tiles of 64 px each way: a corner, exemplars on top, conditions on the left.
-        assert grid.size == ((TINY.grid + 1) * 64, (TINY.grid + 1) * 64) and grid.mode == "RGB"
+        # One captioned row per pair: condition | exemplar | output | oracle, tiles enlarged twice.
+        tile = 2 * 64 + GAP
+        assert grid.mode == "RGB" and grid.size == (4 * tile + GAP, 2 * CAPTION_HEIGHT + TINY.grid * tile + GAP)
     outputs = sorted((out / "eval" / "images" / "output").glob("*.png"))
     assert len(outputs) == TINY.eval_count
     for path in outputs:
@@ -145,32 +147,31 @@ def test_demo_redoes_a_stage_whose_record_is_missing(demo_run, tmp_path):
     assert not redone.skipped and (out / "grid.png").is_file()
 
 
-def test_translation_grid_places_exemplars_on_top_and_conditions_on_the_left():
-    size = 2
-    conditions = torch.stack([torch.full((3, size, size), v) for v in (0.1, 0.2)])
-    exemplars = torch.stack([torch.full((3, size, size), v) for v in (0.5, 0.6, 0.7)])
-    outputs = torch.tensor([[10.0, 11, 12], [20, 21, 22]])[:, :, None, None, None].expand(2, 3, 3, size, size)
-    grid = demo.translation_grid(conditions, exemplars, outputs)
-    assert grid.shape == (3, 3 * size, 4 * size)
-    tile = lambda row, col: grid[:, row * size:(row + 1) * size, col * size:(col + 1) * size]  # noqa: E731
-    assert torch.all(tile(0, 0) == 1.0)  # white corner
-    assert [tile(0, c)[0, 0, 0].item() for c in (1, 2, 3)] == pytest.approx([0.5, 0.6, 0.7])
-    assert [tile(r, 0)[0, 0, 0].item() for r in (1, 2)] == pytest.approx([0.1, 0.2])
-    assert tile(2, 3)[0, 0, 0].item() == 22.0 and tile(1, 2)[0, 0, 0].item() == 11.0
+def test_labelled_grid_places_tiles_under_their_captions():
+    tiles = [[torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)] for _ in range(2)]
+    grid = labelled_grid(tiles, ("a", "b", "c"), scale=3)
+    assert grid.shape == (3, CAPTION_HEIGHT + 2 * (6 + GAP) + GAP, 3 * (6 + GAP) + GAP)
+    left = lambda column: GAP + column * (6 + GAP)  # noqa: E731
+    for row in range(2):
+        top = CAPTION_HEIGHT + GAP + row * (6 + GAP)
+        values = [grid[:, top:top + 6, left(c):left(c) + 6] for c in range(3)]
+        assert [v.unique().tolist() for v in values] == [[-1.0], [pytest.approx(1 / 127.5)], [1.0]]
+    with pytest.raises(ValueError, match="one tile per caption"):
+        labelled_grid([[tiles[0][0]]], ("a", "b"))
 
 
 def test_condition_picture_draws_edges_black_on_white():
     edges = torch.tensor([[[0.0, 1.0]]])
-    picture = demo.condition_picture(edges)
+    picture = condition_picture(edges)
     assert picture.shape == (3, 1, 2)
     assert picture[:, 0, 0].tolist() == [1.0, 1.0, 1.0] and picture[:, 0, 1].tolist() == [-1.0, -1.0, -1.0]
 
 
-def test_headline_numbers_flattens_model_and_baselines():
-    results = {"model": {"oracle_output_psnr": 20.123456, "swd": 5.0, "oracle_warp_psnr": 1.0},
-               "baselines": {"exemplar_copy": {"oracle_output_psnr": 18.0}}}
-    assert demo.headline_numbers(results) == {"model.oracle_psnr": 20.1235, "model.swd": 5.0,
-                                              "exemplar_copy.oracle_psnr": 18.0}
+def test_headline_numbers_flattens_every_method():
+    results = {"methods": {"model": {"oracle_output_psnr": 20.123456, "swd_oracle": 5.0, "oracle_warp_psnr": 1.0},
+                           "exemplar_copy": {"oracle_output_psnr": 18.0}}}
+    assert demo_stages.headline_numbers(results) == {"model.oracle_psnr": 20.1235, "model.swd_oracle": 5.0,
+                                                     "exemplar_copy.oracle_psnr": 18.0}
 
 
 def test_demo_rejects_quick_together_with_another_profile(tmp_path):
@@ -191,7 +192,7 @@ def _example_pair() -> tuple[Path, Path]:
 def test_translate_example_with_the_bundled_model_and_no_other_argument(tmp_path):
     from midms_cli.pipelines.translate import BUNDLED_MODEL
 
-    assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 10 * 2**20
+    assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 20 * 2**20
     condition, exemplar = _example_pair()
     out = tmp_path / "tmp" / "out.png"
     result = subprocess.run([sys.executable, "-m", "midms_cli", "translate", str(condition), str(exemplar),
@@ -200,3 +201,27 @@ def test_translate_example_with_the_bundled_model_and_no_other_argument(tmp_path
     with Image.open(out) as image:
         image.load()
         assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def test_demo_shows_the_bundled_model_on_new_pairs_with_every_method(tmp_path):
+    out = tmp_path / "show"
+    result = subprocess.run([sys.executable, "-m", "midms_cli", "--json", "demo", "--out", str(out), "--pairs", "4"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = _last_json(result.stdout)
+    assert list(summary["methods"]) == ["model", "no_mask", "no_rewarp", "initial_warp", "exemplar_copy",
+                                        "source_photo", "ceiling"]  # fmt: skip
+    for row in summary["methods"].values():
+        assert {"oracle_output_psnr", "part_colour_error", "swd_oracle"} <= set(row)
+    # Pairs that need translation: the condition's own photo is far from the answer, the ceiling close.
+    methods = summary["methods"]
+    assert methods["ceiling"]["oracle_output_psnr"] > methods["source_photo"]["oracle_output_psnr"] + 5
+    with Image.open(summary["grid"]) as grid:
+        assert grid.mode == "RGB" and grid.size[0] == 4 * (2 * 64 + GAP) + GAP
+    assert (out / "eval" / "report.html").is_file() and (out / "showcase.json").is_file()
+    assert "training" not in result.stderr.lower()
+
+
+def test_quick_training_demo_says_its_outputs_are_noise(demo_run):
+    out, _, _ = demo_run
+    assert "noise by design" in (out / "eval" / "report.html").read_text()

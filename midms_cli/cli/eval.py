@@ -34,18 +34,27 @@ def parse_metric_names(values: list[str] | None) -> list[str] | None:
     return names
 
 
+HEADLINE_KEYS = ("oracle_output_psnr", "oracle_output_l1", "part_colour_error", "swd_oracle", "swd", "fid",
+                 "lpips_diversity")
+
+
 def _table(results: dict[str, Any]) -> Table:
-    table = Table("metric", "value")
-    for key, value in results.items():
-        if isinstance(value, dict):
-            for inner, number in value.items():
-                if isinstance(number, dict):
-                    for name, leaf in number.items():
-                        table.add_row(f"{key}.{inner}.{name}", _format(leaf))
-                else:
-                    table.add_row(f"{key}.{inner}", _format(number))
-        else:
+    """Model evaluation: a row per method, a column per headline metric (mean ± sd over seeds).
+    Folder mode: one row per number."""
+    if "methods" not in results:
+        table = Table("metric", "value")
+        for key, value in results.items():
             table.add_row(key, _format(value))
+        return table
+    methods, spreads = results["methods"], results.get("sd", {})
+    keys = [k for k in HEADLINE_KEYS if any(k in row for row in methods.values())]
+    table = Table("method", *keys)
+    for name, row in methods.items():
+        cells = []
+        for key in keys:
+            value, sd = row.get(key), spreads.get(name, {}).get(key)
+            cells.append("-" if value is None else _format(value) + ("" if sd is None else f" ± {sd:.3f}"))
+        table.add_row(name, *cells)
     return table
 
 
@@ -99,7 +108,9 @@ def eval_command(
     baselines: bool = typer.Option(
         False,
         "--baselines",
-        help="Also score the exemplar copied unchanged and the initial warp decoded without diffusion.",
+        help="Also score, on the same pairs and noise: the ablations (no confidence mask; no re-warps; the "
+        "initial warp decoded without diffusion) and the baselines (exemplar copied, the condition's own "
+        "photo, and on synthetic data the oracle through the first stage).",
         rich_help_panel="Model evaluation",
     ),
     batch_size: int = typer.Option(
@@ -121,10 +132,19 @@ def eval_command(
     metrics: list[str] | None = typer.Option(None, "--metrics", help=_METRIC_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (model mode default: eval)."),
     seed: int = typer.Option(0, "--seed", help="Seed of generation and of the metrics' random draws."),
+    seeds: int = typer.Option(
+        1,
+        "--seeds",
+        min=1,
+        help="Repeat with noise seeds SEED, SEED+1, ...: numbers are the mean, with the sd over seeds.",
+        rich_help_panel="Model evaluation",
+    ),
 ) -> None:
     """Evaluate a model on a fixed pair list, or compare two image folders.
 
     Example: midms eval --model runs/tiny --data shards/synth --split val --limit 64 --out eval/
+
+    Example: midms eval --data shards/synth --baselines --seeds 3 --metrics swd,oracle
 
     Example: midms eval --real photos/ --fake outputs/ --metrics fid,swd
     """
@@ -159,6 +179,7 @@ def eval_command(
             limit,
             seed,
             baselines,
+            seeds=seeds,
             pairs_path=pairs,
             diversity=diversity,
             batch_size=batch_size,

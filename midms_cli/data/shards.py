@@ -1,6 +1,6 @@
 """WebDataset shards: the on-disk format of prepared datasets, its writer and its readers.
 
-Layout (architecture section 4, shard format version 1): `ROOT/{split}/shard-000000.tar ...` plus
+Layout (shard format version 2): `ROOT/{split}/shard-000000.tar ...` plus
 `ROOT/{split}/index.json`. One sample is the group of tar members sharing a key (no dots):
 
     KEY.image.png        ground truth, RGB uint8
@@ -8,7 +8,8 @@ Layout (architecture section 4, shard format version 1): `ROOT/{split}/shard-000
     KEY.ref.png          exemplar, RGB uint8
     KEY.ref_cond.npy.gz  exemplar condition, as cond
     KEY.oracle.png       optional: the right answer for (cond, ref) (synthetic data only)
-    KEY.json             meta: ids, pairing (easy/hard/self), source paths
+    KEY.json             meta: ids, pairing (easy/hard/self), source paths; synthetic data also
+                         the exemplar's appearance kind (same/similar/independent) and parameters
 
 Conditions are stored as round(255 * c): the official recipes quantise every channel to uint8
 (edges and one-hot maps are 0/1, distance maps and the pose picture are k/255), so this is lossless,
@@ -41,7 +42,9 @@ from midms_cli.data.plugin import Sample, check_key
 from midms_cli.errors import MidmsError
 from midms_cli.weights import sha256_file
 
-SHARD_FORMAT_VERSION = 1
+# 2: synthetic exemplars have an appearance of their own, recorded in KEY.json, so the oracle is no
+# longer the source photo. Version-1 shards are still read.
+SHARD_FORMAT_VERSION = 2
 INDEX_NAME = "index.json"
 IMAGE_FIELDS = ("image", "ref", "oracle")
 CONDITION_FIELDS = ("cond", "ref_cond")

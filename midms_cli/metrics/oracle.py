@@ -88,3 +88,49 @@ class OracleAccumulator:
             out[f"{prefix}_psnr{suffix}"] = psnr_sum / images
             out[f"{prefix}_l1{suffix}"] = l1_sum / images
         return out
+
+
+def part_mean_colours(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean colour of every labelled region: images (B, 3, H, W) in [-1, 1], labels (B, H, W) ids in
+    [0, count). Returns colours (B, count, 3) on the [0, 1] scale and pixel counts (B, count)."""
+    one_hot = torch.nn.functional.one_hot(labels.long(), count).to(torch.float64)  # (B, H, W, count)
+    pixels = one_hot.sum(dim=(1, 2))  # (B, count)
+    sums = torch.einsum("bchw,bhwk->bkc", _to_unit(images), one_hot)
+    return sums / pixels.clamp(min=1).unsqueeze(-1), pixels
+
+
+class PartColourAccumulator:
+    """Appearance transfer, measured directly: for every labelled region of the condition's geometry
+    (background, skin, hair, ...), the Euclidean distance between the output's mean RGB colour and the
+    oracle's over that region, on the [0, 1] scale. Averaged over the regions present in an image, then
+    over images; and per region over the images that have it."""
+
+    def __init__(self, label_names: Sequence[str]) -> None:
+        self.label_names = list(label_names)
+        self.image_sum, self.images = 0.0, 0
+        self.region_sums = [0.0] * len(self.label_names)
+        self.region_counts = [0] * len(self.label_names)
+
+    def add(self, prediction: torch.Tensor, oracle: torch.Tensor, labels: torch.Tensor) -> None:
+        """prediction, oracle (B, 3, H, W) in [-1, 1]; labels (B, H, W) of the oracle's geometry."""
+        count = len(self.label_names)
+        predicted, present = part_mean_colours(prediction, labels, count)
+        expected, _ = part_mean_colours(oracle, labels, count)
+        distance = (predicted - expected).norm(dim=-1)  # (B, count)
+        has = present > 0
+        for b in range(distance.shape[0]):
+            self.image_sum += float(distance[b][has[b]].mean())
+            self.images += 1
+        for k in range(count):
+            self.region_sums[k] += float(distance[:, k][has[:, k]].sum())
+            self.region_counts[k] += int(has[:, k].sum())
+
+    def result(self, prefix: str = "part_colour_error") -> dict[str, float]:
+        """{"<prefix>": mean over images, "<prefix>_<region>": mean over the images with that region}."""
+        if self.images == 0:
+            return {}
+        out = {prefix: self.image_sum / self.images}
+        for name, total, n in zip(self.label_names, self.region_sums, self.region_counts, strict=True):
+            if n:
+                out[f"{prefix}_{name}"] = total / n
+        return out

@@ -20,11 +20,14 @@ from midms_cli.metrics.fid import (
     save_statistics,
 )
 from midms_cli.metrics.lpips import DiversityAccumulator
-from midms_cli.metrics.oracle import OracleAccumulator
+from midms_cli.metrics.oracle import OracleAccumulator, PartColourAccumulator
 from midms_cli.metrics.style import StyleAccumulator
 from midms_cli.metrics.swd import DescriptorSet, swd_from_sets
 
 INCEPTION_SETS = ("output", "source", "exemplar")
+# SWD reference sets and the result keys they give: against the sources (the ground truth photos) and,
+# on synthetic data, against the oracles (the right answers).
+SWD_REFERENCES = {"source": "swd", "oracle": "swd_oracle"}
 
 
 @dataclass
@@ -55,6 +58,8 @@ class MetricSuite:
     kid_subset_size: int = 1000
     # Another suite over the same pairs whose source / exemplar features this one reuses (baselines).
     references_from: MetricSuite | None = None
+    # Names of the label ids of "output_labels" (per-region colour error; empty: not computed).
+    label_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.features: dict[str, list[torch.Tensor]] = {name: [] for name in INCEPTION_SETS}
@@ -65,11 +70,12 @@ class MetricSuite:
                 if loaded is not None:
                     self.cached[name] = loaded
         self.swd_sets = (
-            {name: DescriptorSet(self.resolution, self.seed) for name in ("output", "source")}
+            {name: DescriptorSet(self.resolution, self.seed) for name in ("output", *SWD_REFERENCES)}
             if "swd" in self.metrics
             else {}
         )
         self.oracle = {kind: OracleAccumulator(self.part_names) for kind in ("output", "warp")}
+        self.part_colour = PartColourAccumulator(self.label_names)
         self.diversity = DiversityAccumulator()
         self.style: StyleAccumulator | None = None
 
@@ -106,14 +112,15 @@ class MetricSuite:
     @torch.no_grad()
     def add(self, batch: dict[str, Any]) -> None:
         """One batch: "output" (B, 3, H, W) in [-1, 1] and, when known, "source", "exemplar",
-        "oracle", "warp" (same shape) and "output_masks" / "exemplar_masks" (B, P, H, W) bool.
+        "oracle", "warp" (same shape), "output_masks" / "exemplar_masks" (B, P, H, W) bool and
+        "output_labels" (B, H, W), the label map of the oracle's geometry.
         A batch may also carry only a reference set ("source"), e.g. the real folder."""
         output = batch.get("output")
         if {"fid", "kid"} & set(self.metrics):
             for name in INCEPTION_SETS:
                 self._add_inception(name, batch.get(name))
         if "swd" in self.metrics:
-            for name in ("output", "source"):
+            for name in self.swd_sets:
                 if batch.get(name) is not None:
                     self.swd_sets[name].add(to_uint8_range(batch[name]))
         if output is None:
@@ -137,6 +144,8 @@ class MetricSuite:
             self.oracle["output"].add(output, batch["oracle"], masks)
             if batch.get("warp") is not None:
                 self.oracle["warp"].add(batch["warp"], batch["oracle"], masks)
+            if self.label_names and batch.get("output_labels") is not None:
+                self.part_colour.add(output, batch["oracle"], batch["output_labels"])
 
     def add_diversity(self, keys: list[Hashable], outputs: torch.Tensor) -> None:
         """Outputs for conditions `keys` (one per output); outputs sharing a key are compared."""
@@ -181,8 +190,11 @@ class MetricSuite:
         if {"fid", "kid"} & set(self.metrics):
             result.update(self._inception_results())
             self.save_cache()
-        if "swd" in self.metrics and self.swd_sets["source"].count:
-            result.update(swd_from_sets(self.swd_sets["source"], self.swd_sets["output"], self.seed))
+        if "swd" in self.metrics:
+            for reference, key in SWD_REFERENCES.items():
+                if self.swd_sets[reference].count:
+                    values = swd_from_sets(self.swd_sets[reference], self.swd_sets["output"], self.seed)
+                    result.update({name.replace("swd", key, 1): value for name, value in values.items()})
         if "lpips" in self.metrics:
             value, conditions = self.diversity.result(self.network("lpips"))
             if value is not None:
@@ -193,4 +205,5 @@ class MetricSuite:
         if "oracle" in self.metrics:
             result.update(self.oracle["output"].result("oracle_output"))
             result.update(self.oracle["warp"].result("oracle_warp"))
+            result.update(self.part_colour.result())
         return result

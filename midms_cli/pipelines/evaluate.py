@@ -1,19 +1,18 @@
-"""`evaluate`: translate a fixed pair list, compute the metrics, record the protocol (architecture 7).
+"""`evaluate`: translate a fixed pair list, score it, record the protocol.
 
-Two entry points, both usable without the CLI:
-* `evaluate_model` translates every pair of a split with a MIDMs model, writes the outputs as PNG,
-  and compares them with the sources (ground truth), the exemplars and, on synthfaces, the oracle;
-  optionally the same metrics for two baselines (the exemplar copied unchanged, and the initial
-  warp decoded without diffusion).
-* `evaluate_folders` compares a folder of generated images with a folder of real ones.
-Each writes `protocol.json`, `results.json` and, for models, `report.html` into the output folder.
+`evaluate_model` translates every pair of a split with a MIDMs model, writes the outputs as PNG,
+and compares them with the sources (ground truth), the exemplars and, on synthfaces, the oracle.
+With baselines it scores, on the same pairs and with the same noise, the ablations and baselines of
+`eval_methods.METHODS`; with several seeds it repeats everything per noise seed and reports the mean
+and standard deviation. It writes `protocol.json`, `results.json`, `pairs.txt` and `report.html`.
+`evaluate_folders` (in `eval_folders`) compares a folder of generated images with a folder of real ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,7 @@ import torch
 
 from midms_cli.atomic import write_text
 from midms_cli.errors import MidmsError
-from midms_cli.images import load_image, save_png, to_uint8
-from midms_cli.metrics import METRICS, NETWORK_WEIGHTS, select_metrics
-from midms_cli.metrics.fid import image_set_hash
+from midms_cli.metrics import select_metrics
 from midms_cli.metrics.protocol import (
     Pair,
     default_pairs,
@@ -36,119 +33,25 @@ from midms_cli.metrics.protocol import (
     weights_hashes,
     write_json,
 )
-from midms_cli.metrics.suite import CachedSet, MetricSuite
-from midms_cli.paths import midms_home
+from midms_cli.metrics.suite import CachedSet
+from midms_cli.pipelines.eval_folders import (
+    IMAGE_SUFFIXES,
+    Report,
+    _stderr,
+    evaluate_folders,
+    list_images,
+    metric_weights,
+    provided_weights,
+    stats_cache,
+)
+from midms_cli.pipelines.eval_methods import METHODS, Job, ModelEvaluation, methods_for
 from midms_cli.report import write_report
 from midms_cli.weights import sha256_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-REPORT_ROWS = 64  # pairs shown in report.html (every output is still written and scored)
-Report = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    sys.stderr.write(message + "\n")
-
-
-def _provided_weights(networks: dict[str, torch.nn.Module] | None) -> set[str]:
-    """Registry weights made unnecessary by networks the caller passes in (tests, notebooks)."""
-    return {weight for name in (networks or {}) for weight in NETWORK_WEIGHTS.get(name, ())}
-
-
-def _metric_weights(metrics: Sequence[str], networks: dict[str, torch.nn.Module] | None) -> list[str]:
-    """The registry weights the chosen metrics will load (their hashes go into protocol.json)."""
-    provided = _provided_weights(networks)
-    return sorted({w for name in metrics for w in METRICS[name].weights if w not in provided})
-
-
-def _stats_cache(name: str) -> Path:
-    return midms_home() / "fid-stats" / f"{name}.safetensors"
-
-
-# --------------------------------------------------------------------------------------------
-# Folder vs folder
-
-
-def list_images(directory: str | Path) -> list[Path]:
-    """The image files directly inside `directory`, sorted by name; a user error when none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise MidmsError(f"no such folder: {directory}")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise MidmsError(
-            f"{directory} holds {len(files)} image(s); metrics need at least 2 ({', '.join(IMAGE_SUFFIXES)})"
-        )
-    return files
-
-
-def _image_batches(files: Sequence[Path], size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(files), batch_size):
-        yield torch.stack([load_image(path, size) for path in files[start : start + batch_size]])
-
-
-def evaluate_folders(
-    real_dir: str | Path,
-    fake_dir: str | Path,
-    *,
-    metrics: Sequence[str] | None = None,
-    out_dir: str | Path | None = None,
-    seed: int = 0,
-    size: int | None = None,
-    device: torch.device | None = None,
-    batch_size: int = 16,
-    networks: dict[str, torch.nn.Module] | None = None,
-    report: Report = _stderr,
-) -> dict[str, Any]:
-    """FID / KID / SWD of the images in `fake_dir` against those in `real_dir` ("fid" is w/ real).
-
-    Images are resized (bicubic) to `size`, by default the size of the first generated image.
-    The real set's Inception features are cached by a hash of its file names and contents.
-    """
-    # Check the inputs and the metrics before any work.
-    real_files, fake_files = list_images(real_dir), list_images(fake_dir)
-    chosen = select_metrics(metrics, folders=True, provided=_provided_weights(networks), report=report)
-    if not chosen:
-        raise MidmsError("no metric can run: add the weights named above, or ask for --metrics swd")
-    if size is None:
-        size = load_image(fake_files[0]).shape[-1]
-    device = device or torch.device("cpu")
-    hashes = weights_hashes(_metric_weights(chosen, networks))
-
-    # Accumulate both sets.
-    cache = {}
-    if "inception" not in (networks or {}) and {"fid", "kid"} & set(chosen):
-        key = image_set_hash(real_files, extra=f"{hashes.get('inception-fid')}:{size}")
-        cache["source"] = CachedSet(_stats_cache(key), key)
-    suite = MetricSuite(chosen, size, device, seed, networks=dict(networks or {}), cache=cache)
-    for batch in _image_batches(fake_files, size, batch_size):
-        suite.add({"output": batch})
-    for batch in _image_batches(real_files, size, batch_size):
-        suite.add({"source": batch})
-    results = suite.result()
-
-    # Record.
-    protocol = protocol_record(
-        mode="folders",
-        real=str(real_dir),
-        fake=str(fake_dir),
-        real_count=len(real_files),
-        fake_count=len(fake_files),
-        real_hash=image_set_hash(real_files),
-        fake_hash=image_set_hash(fake_files),
-        size=size,
-        metrics=chosen,
-        seeds={"metrics": seed},
-        weights=hashes,
-    )
-    if out_dir is not None:
-        write_json(Path(out_dir) / "protocol.json", protocol)
-        write_json(Path(out_dir) / "results.json", results)
-    return {"results": results, "protocol": protocol}
-
-
-# --------------------------------------------------------------------------------------------
-# Model evaluation
+__all__ = [
+    "IMAGE_SUFFIXES", "EvalOptions", "evaluate_folders", "evaluate_model", "list_images", "plan_pairs",
+    "split_keys", "summarise_seeds",
+]  # fmt: skip
 
 
 @dataclass
@@ -164,6 +67,7 @@ class EvalOptions:
     pairs_path: Path | None = None
     diversity: int = 2  # extra exemplars per condition for LPIPS diversity (0: none)
     batch_size: int = 8
+    seeds: int = 1  # noise seeds seed, seed + 1, ...: every number is their mean (and sd when > 1)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -210,181 +114,7 @@ def plan_pairs(keys: Sequence[str], options: EvalOptions) -> list[Pair]:
     return default_pairs(list(keys), options.diversity, options.limit)
 
 
-def _condition_preview(condition: torch.Tensor, kind: str) -> torch.Tensor:
-    """A (3, H, W) picture in [-1, 1] of a condition (C, H, W) in [0, 1] for the report."""
-    if kind == "celebahq-edges" or condition.shape[0] == 1:
-        picture = condition[:1].expand(3, -1, -1)  # channel 0: the edge map
-    elif condition.shape[0] == 3:
-        picture = condition
-    else:  # label-like maps: a fixed pseudo-colour per channel of the argmax
-        labels = condition.argmax(dim=0)
-        palette = torch.rand(condition.shape[0], 3, generator=torch.Generator().manual_seed(0))
-        picture = palette[labels].permute(2, 0, 1)
-    return picture * 2 - 1
-
-
-def _synthfaces_masks(meta: dict[str, Any], which: str, size: int) -> torch.Tensor | None:
-    """Part masks (13, H, W) of a synthfaces sample's condition ("geometry") or exemplar ("ref_geometry")."""
-    geometry = meta.get(which)
-    if geometry is None:
-        return None
-    from midms_plugins.synthfaces.generator import part_masks_of, render_labels
-
-    return part_masks_of(render_labels(geometry, size))
-
-
-@dataclass
-class _Job:
-    pair: Pair
-    condition: dict[str, Any]  # the sample whose condition (and source, oracle) is used
-    exemplar: dict[str, Any]  # the sample whose stored exemplar is used
-
-
-def _quantise(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images rounded to the 8-bit grid as `save_png` stores them."""
-    return to_uint8(images).float() / 127.5 - 1
-
-
-def _file_stem(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
-
-
-class ModelEvaluation:
-    """One `evaluate_model` run: pairs in, PNGs and metric suites out (phases in `run`)."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        index: dict[str, Any],
-        options: EvalOptions,
-        chosen: list[str],
-        networks: dict[str, torch.nn.Module] | None,
-        cache: dict[str, CachedSet],
-    ) -> None:
-        from midms_cli.conditions.celebahq import CELEBAHQ_PARTS
-
-        self.model, self.index, self.options = model, index, options
-        self.size = int(index["image_size"])
-        self.kind = index["condition"]["kind"]
-        self.synthfaces = index.get("plugin") == "synthfaces"
-        parts = tuple(CELEBAHQ_PARTS) if self.synthfaces else ()
-        shared = dict(networks or {})
-
-        def suite(**extra: Any) -> MetricSuite:
-            return MetricSuite(
-                chosen, self.size, options.device, options.seed, parts, networks=shared, **extra
-            )
-
-        self.suites = {"model": suite(cache=cache)}
-        if options.baselines:  # the baselines share the model's source and exemplar features
-            self.suites["exemplar_copy"] = suite(references_from=self.suites["model"])
-            self.suites["initial_warp"] = suite(references_from=self.suites["model"])
-        self.rows: list[dict[str, str | None]] = []
-        self.written: set[str] = set()
-        self.out = Path(options.out_dir)
-
-    # Translation of one batch.
-
-    def _translate(self, jobs: list[_Job], batch_number: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from midms_cli.sampler import translate
-
-        device = self.options.device
-        condition = torch.stack([job.condition["cond"] for job in jobs]).to(device)
-        exemplar = torch.stack([job.exemplar["ref"] for job in jobs]).to(device)
-        exemplar_condition = torch.stack([job.exemplar["ref_cond"] for job in jobs]).to(device)
-        # One generator per batch, seeded by (seed, batch number): the same pair list, batch size and
-        # seed give the same images.
-        generator = torch.Generator(device=device).manual_seed(self.options.seed * 1_000_003 + batch_number)
-        result = translate(self.model, condition, exemplar, exemplar_condition, generator=generator)
-        with torch.no_grad():
-            warp = self.model.decode(result.initial_warp)
-        # Score exactly what the PNGs hold: the 8-bit grid.
-        return _quantise(result.image.cpu()), _quantise(warp.cpu())
-
-    def _write(self, folder: str, name: str, image: torch.Tensor) -> str:
-        """Save a PNG once under images/FOLDER/NAME.png; returns its path relative to the report."""
-        relative = f"images/{folder}/{name}.png"
-        if relative not in self.written:
-            save_png(image, self.out / relative)
-            self.written.add(relative)
-        return relative
-
-    def _report_row(self, job: _Job, name: str, output: torch.Tensor, warp: torch.Tensor) -> dict[str, Any]:
-        condition, exemplar = _file_stem(job.pair.condition), _file_stem(job.pair.exemplar)
-        row = {
-            "label": f"{job.pair.condition} / {job.pair.exemplar}",
-            "output": f"images/output/{name}.png",
-            "initial warp": self._write("warp", name, warp),
-            "condition": self._write(
-                "condition", condition, _condition_preview(job.condition["cond"], self.kind)
-            ),
-            "exemplar": self._write("exemplar", exemplar, job.exemplar["ref"]),
-            "source": self._write("source", condition, job.condition["image"]),
-        }
-        if job.pair.primary and "oracle" in job.condition:
-            row["oracle"] = self._write("oracle", condition, job.condition["oracle"])
-        return row
-
-    def _batch(self, jobs: list[_Job], number: int) -> None:
-        outputs, warps = self._translate(jobs, number)
-        primary = [i for i, job in enumerate(jobs) if job.pair.primary]
-        for i, job in enumerate(jobs):
-            name = f"{_file_stem(job.pair.condition)}__{_file_stem(job.pair.exemplar)}"
-            self._write("output", name, outputs[i])
-            if len(self.rows) < REPORT_ROWS:
-                self.rows.append(self._report_row(job, name, outputs[i], warps[i]))
-
-        # Diversity: every output, grouped by condition.
-        keys = [job.pair.condition for job in jobs]
-        candidates = {"model": outputs}
-        if self.options.baselines:
-            candidates["exemplar_copy"] = torch.stack([job.exemplar["ref"] for job in jobs])
-            candidates["initial_warp"] = warps
-        for name, images in candidates.items():
-            self.suites[name].add_diversity(keys, images)
-        if not primary:
-            return
-
-        # Set metrics on the dataset's own pairs: sources, exemplars, oracle, part masks.
-        pick = [jobs[i] for i in primary]
-        batch: dict[str, Any] = {
-            "source": torch.stack([job.condition["image"] for job in pick]),
-            "exemplar": torch.stack([job.exemplar["ref"] for job in pick]),
-            "warp": warps[primary],
-        }
-        if all("oracle" in job.condition for job in pick):
-            batch["oracle"] = torch.stack([job.condition["oracle"] for job in pick])
-        if self.synthfaces:
-            output_masks = [_synthfaces_masks(job.condition["meta"], "geometry", self.size) for job in pick]
-            exemplar_masks = [
-                _synthfaces_masks(job.exemplar["meta"], "ref_geometry", self.size) for job in pick
-            ]
-            if all(m is not None for m in output_masks + exemplar_masks):
-                batch["output_masks"] = torch.stack(output_masks)
-                batch["exemplar_masks"] = torch.stack(exemplar_masks)
-        self.suites["model"].add({**batch, "output": outputs[primary]})
-        if self.options.baselines:
-            self.suites["exemplar_copy"].add({**batch, "output": batch["exemplar"]})
-            self.suites["initial_warp"].add({**batch, "output": warps[primary]})
-
-    def run(self, jobs: Iterator[_Job], progress: Callable[[int], None] | None) -> None:
-        pending: list[_Job] = []
-        number = 0
-        for job in jobs:
-            pending.append(job)
-            if len(pending) == self.options.batch_size:
-                self._batch(pending, number)
-                number += 1
-                if progress:
-                    progress(len(pending))
-                pending = []
-        if pending:
-            self._batch(pending, number)
-            if progress:
-                progress(len(pending))
-
-
-def _jobs(root: Path, split: str, pairs: list[Pair]) -> Iterator[_Job]:
+def _jobs(root: Path, split: str, pairs: list[Pair]) -> Iterator[Job]:
     """The jobs in pair-list order, decoding each needed sample once. Samples that later pairs still
     need are kept (only those), so memory follows the pair list, not the split."""
     from midms_cli.data.shards import iterate_samples
@@ -405,7 +135,7 @@ def _jobs(root: Path, split: str, pairs: list[Pair]) -> Iterator[_Job]:
                 ) from None
             if sample["meta"]["key"] in needed:
                 kept[sample["meta"]["key"]] = sample
-        yield _Job(pair, kept[pair.condition], kept[pair.exemplar])
+        yield Job(pair, kept[pair.condition], kept[pair.exemplar])
         for key in {pair.condition, pair.exemplar}:
             needed[key] -= 1
             if needed[key] == 0:
@@ -423,8 +153,27 @@ def _reference_cache(
     cache = {}
     for name in ("source", "exemplar"):
         key = text_sha256(f"{data_hash(index)}:{text_sha256(primary)}:{hashes['inception-fid']}:{name}")
-        cache[name] = CachedSet(_stats_cache(key), key)
+        cache[name] = CachedSet(stats_cache(key), key)
     return cache
+
+
+def summarise_seeds(per_seed: list[dict[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mean and sample standard deviation over seeds of every number of every method. The sd is
+    given only with two seeds or more; a number missing from one seed is left out."""
+    means: dict[str, dict[str, Any]] = {}
+    spreads: dict[str, dict[str, Any]] = {}
+    for method in per_seed[0]:
+        means[method], spreads[method] = {}, {}
+        for key, value in per_seed[0][method].items():
+            values = [run[method].get(key) for run in per_seed]
+            if not all(isinstance(v, int | float) for v in values):
+                means[method][key] = value
+                continue
+            mean = sum(values) / len(values)
+            means[method][key] = mean
+            if len(values) > 1:
+                spreads[method][key] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return means, spreads
 
 
 def evaluate_model(
@@ -437,6 +186,7 @@ def evaluate_model(
     seed: int = 0,
     baselines: bool = False,
     *,
+    seeds: int = 1,
     pairs_path: str | Path | None = None,
     diversity: int = 2,
     batch_size: int = 8,
@@ -445,69 +195,74 @@ def evaluate_model(
     report: Report = _stderr,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate a MIDMs model on a prepared split (see the module docstring); returns
-    {"results", "protocol", "out_dir"}. `networks` overrides the metric networks (tests)."""
+    {"results", "protocol", "out_dir"}. `networks` overrides the metric networks (tests);
+    `notes` are printed at the top of the report.
+
+    results: {"seeds": [...], "methods": {method: {metric: mean}}, "sd": {method: {metric: sd}},
+    "per_seed": [{"seed": s, "methods": {...}}, ...]}; without baselines the only method is "model".
+    """
     from midms_cli.data.shards import read_index
     from midms_cli.pipelines.translate import load_midm, resolve_model_file
 
     options = EvalOptions(
-        split,
-        Path(out_dir),
-        metrics,
-        limit,
-        seed,
-        baselines,
-        Path(pairs_path) if pairs_path else None,
-        diversity,
-        batch_size,
-        device or torch.device("cpu"),
+        split=split, out_dir=Path(out_dir), metrics=metrics, limit=limit, seed=seed, baselines=baselines,
+        pairs_path=Path(pairs_path) if pairs_path else None, diversity=diversity, batch_size=batch_size,
+        seeds=seeds, device=device or torch.device("cpu"),
     )
     if limit is not None and limit < 1:
         raise MidmsError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise MidmsError(f"--batch-size must be at least 1, got {batch_size}")
+    if seeds < 1:
+        raise MidmsError(f"--seeds must be at least 1, got {seeds}")
 
     # Check everything before any work: data, pair list, metrics and their weights, model.
     root = Path(data_root)
     index = read_index(root, split)
     has_oracle = index.get("plugin") == "synthfaces"
-    chosen = select_metrics(
-        metrics, has_oracle=has_oracle, provided=_provided_weights(networks), report=report
-    )
+    chosen = select_metrics(metrics, has_oracle=has_oracle, provided=provided_weights(networks), report=report)
     pairs = plan_pairs(split_keys(root, split), options)
     if not chosen:
         raise MidmsError("no metric can run: add the weights named above, or ask for --metrics swd")
-    hashes = weights_hashes(_metric_weights(chosen, networks))
+    hashes = weights_hashes(metric_weights(chosen, networks))
     model_file = resolve_model_file(model_path)
     model = load_midm(model_file, device=options.device)
+    methods = methods_for(baselines, has_oracle)
 
-    # Translate every pair and accumulate the metrics.
-    pair_text = format_pairs(pairs)
-    evaluation = ModelEvaluation(
-        model, index, options, chosen, networks, _reference_cache(index, pairs, hashes)
-    )
+    # Translate every pair with every method, once per noise seed, and accumulate the metrics.
+    out = Path(out_dir)
+    seed_list = [seed + k for k in range(seeds)]
     if on_start:
-        on_start(len(pairs))
-    evaluation.run(_jobs(root, split, pairs), progress)
-    results = {name: suite.result() for name, suite in evaluation.suites.items()}
-    results = (
-        results["model"]
-        if not baselines
-        else {
-            "model": results["model"],
-            "baselines": {name: value for name, value in results.items() if name != "model"},
-        }
-    )
+        on_start(len(pairs) * seeds)
+    per_seed, rows = [], []
+    cache = _reference_cache(index, pairs, hashes)
+    for number, noise_seed in enumerate(seed_list):
+        evaluation = ModelEvaluation(
+            model, index, methods=methods, metrics=chosen, seed=noise_seed, batch_size=batch_size,
+            device=options.device, out=out, networks=networks, cache=cache, write_images=number == 0,
+        )  # fmt: skip
+        evaluation.run(_jobs(root, split, pairs), progress)
+        per_seed.append(evaluation.results())
+        rows = rows or evaluation.rows
+    means, spreads = summarise_seeds(per_seed)
+    results: dict[str, Any] = {
+        "seeds": seed_list,
+        "methods": means,
+        "sd": spreads if seeds > 1 else {},
+        "per_seed": [{"seed": s, "methods": run} for s, run in zip(seed_list, per_seed, strict=True)],
+    }
 
     # Record the protocol, the numbers and the report.
-    out = Path(out_dir)
+    pair_text = format_pairs(pairs)
     write_text(out / "pairs.txt", pair_text)
     sampling = getattr(getattr(model, "config", None), "sampling", None)
     protocol = protocol_record(
         mode="model",
         split=split,
-        size=evaluation.size,
+        size=int(index["image_size"]),
         condition=index["condition"]["kind"],
         plugin=index.get("plugin"),
         data_hash=data_hash(index),
@@ -515,28 +270,29 @@ def evaluate_model(
         pairs_hash=text_sha256(pair_text),
         pairs=len(pairs),
         primary_pairs=sum(pair.primary for pair in pairs),
+        model=model_file.name,
         model_hash=sha256_file(model_file),
         metrics=chosen,
         weights=hashes,
         sampler=_sampler_dict(sampling),
-        seeds={"generation": seed, "metrics": seed},
+        methods={name: METHODS[name].label for name in methods},
+        ablations={name: METHODS[name].sampling for name in methods if METHODS[name].sampling is not None},
+        seeds={"generation": seed_list, "metrics": seed_list},
         batch_size=batch_size,
         baselines=baselines,
         diversity_exemplars=diversity,
-        # Regions of the style metric (spec 4.2 leaves them open for edge maps).
-        style_regions="synthfaces part masks" if evaluation.synthfaces else "whole image",
+        # Regions of the style metric: the synthetic data knows its part masks, other data does not.
+        style_regions="synthfaces part masks" if has_oracle else "whole image",
     )
     write_json(out / "protocol.json", protocol)
     write_json(out / "results.json", results)
-    columns = ["condition", "exemplar", "output", "initial warp", "source", "oracle"]
-    flat = results if not baselines else _flatten(results)
     write_report(
         out / "report.html",
         title=f"midms evaluation: {model_file.name} on {split}",
-        results=flat,
+        results=results,
         protocol=protocol,
-        columns=columns,
-        rows=evaluation.rows,
+        rows=rows,
+        notes=notes,
     )
     return {"results": results, "protocol": protocol, "out_dir": str(out)}
 
@@ -548,13 +304,3 @@ def _sampler_dict(sampling: Any) -> dict[str, Any]:
         key: (list(value) if isinstance(value, tuple) else value)
         for key, value in dataclasses.asdict(sampling).items()
     }
-
-
-def _flatten(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in results.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

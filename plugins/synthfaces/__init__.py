@@ -1,8 +1,10 @@
 """synthfaces: generated face-like images with exact part masks and a known oracle (architecture 4).
 
 No download: every sample is rendered from its index and the seed. The condition comes from the
-face's geometry, the exemplar shares its appearance, and `generator.oracle` renders any geometry in
-any appearance, the exact answer of a translation.
+face's geometry; the exemplar is another face, with another geometry and (by default) an appearance
+of its own: a similar-looking face for training pairs, as retrieval lists give, an unrelated one for
+validation pairs. `generator.oracle` renders any geometry in any appearance: the exact answer of a
+translation, stored with every sample.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from midms_cli.conditions import CONDITIONS, ConditionSpec
 from midms_cli.data.plugin import SPLITS, BasePlugin, PluginOption, Sample, check_key, index_rng
 
 from .generator import (
+    APPEARANCES,
     LABELS,
     PAIRINGS,
     VARIANTS,
     appearance_of,
+    exemplar_appearance,
     exemplar_geometry,
     geometry_of,
     make_pair,
@@ -34,7 +38,8 @@ from .generator import (
 )
 
 __all__ = [
-    "LABELS", "PAIRINGS", "PLUGIN", "SynthFaces", "VARIANTS", "appearance_of", "exemplar_geometry",
+    "APPEARANCES", "LABELS", "PAIRINGS", "PLUGIN", "SynthFaces", "VARIANTS", "appearance_of",
+    "exemplar_appearance", "exemplar_geometry",
     "geometry_of", "make_pair", "oracle", "render", "render_condition", "render_labels",
     "sample_appearance", "sample_geometry", "split_seed",
 ]  # fmt: skip
@@ -44,6 +49,10 @@ CHUNK = 16  # samples generated per thread-setting switch
 # Reference probabilities of spec 3.1 / Appendix A: hard 0.2, easy 0.5, self 0.3 (training).
 # Validation pairs are never "self" (a self pair is trivial to translate): hard 0.2, easy 0.8.
 MIXED_PROBABILITIES = {"train": {"hard": 0.2, "easy": 0.5, "self": 0.3}, "val": {"hard": 0.2, "easy": 0.8}}
+# The exemplar's appearance under "auto": training pairs look like a real dataset's (the photo's own
+# condition and a similar-looking exemplar, so training never needs the oracle); validation pairs need
+# translation (the exemplar's colours are unrelated to the condition's photo).
+AUTO_APPEARANCE = {"train": "similar", "val": "independent"}
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -54,13 +63,18 @@ def split_seed(seed: int, split: str) -> int:
 class SynthFaces(BasePlugin):
     name = "synthfaces"
     description = "generated face-like images with CelebAMask-HQ-style parts and exact oracles (no download)"
-    version = "2"  # 2: canny-variant conditions are Canny edges of the photos themselves
+    # 2: canny-variant conditions are Canny edges of the photos themselves. 3: exemplars have an
+    # appearance of their own (similar for train, independent for val) and a larger "easy" nudge.
+    version = "3"
     needs_source = False
     options = (
         PluginOption("variant", str, "official", "condition: official 15-channel CelebA-HQ recipe or canny",
                      choices=tuple(VARIANTS)),
         PluginOption("pairing", str, "mixed", "exemplar pairing: mixed (spec 3.1 mix), easy, hard or self",
                      choices=("mixed", *PAIRINGS)),
+        PluginOption("exemplar_appearance", str, "auto",
+                     "exemplar colours: auto (similar for train, independent for val), same, similar or "
+                     "independent", choices=("auto", *APPEARANCES)),
         PluginOption("train_count", int, 20000, "number of generated training samples"),
         PluginOption("val_count", int, 500, "number of generated validation samples"),
     )  # fmt: skip
@@ -79,6 +93,11 @@ class SynthFaces(BasePlugin):
             return pairing
         kinds, weights = zip(*MIXED_PROBABILITIES.get(split, MIXED_PROBABILITIES["val"]).items(), strict=True)
         return str(index_rng(seed, split, index).choice(kinds, p=weights))
+
+    def appearance_of(self, split: str, options: Mapping[str, Any]) -> str:
+        """Whose appearance the exemplars of `split` have."""
+        kind = options.get("exemplar_appearance", "auto")
+        return AUTO_APPEARANCE.get(split, "independent") if kind == "auto" else kind
 
     def samples(
         self,
@@ -102,7 +121,8 @@ class SynthFaces(BasePlugin):
     def sample(self, split: str, options: Mapping[str, Any], seed: int, size: int, index: int) -> Sample:
         """Sample `index` of `split`: a pair from `make_pair` with the split's own generator seed."""
         pairing = self.pairing_of(split, options, seed, index)
-        pair = make_pair(index, split_seed(seed, split), size, options.get("variant", "official"), pairing)
+        pair = make_pair(index, split_seed(seed, split), size, options.get("variant", "official"), pairing,
+                         self.appearance_of(split, options))
         return Sample(
             key=check_key(f"{split}{index:07d}"),
             image=pair["image"],

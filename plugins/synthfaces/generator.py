@@ -407,8 +407,17 @@ def render_condition(
 # --- Samples and pairs ---------------------------------------------------------------------------------
 
 # Independent random streams of sample `index`: entropy [seed, index, stream].
-GEOMETRY_STREAM, APPEARANCE_STREAM, EASY_STREAM, HARD_STREAM = 0, 1, 2, 3
-EASY_AMOUNT = 0.2  # "easy" exemplar: each geometry parameter moves by 20 % of its range (1 sigma)
+GEOMETRY_STREAM, APPEARANCE_STREAM, EASY_STREAM, HARD_STREAM, EXEMPLAR_APPEARANCE_STREAM = 0, 1, 2, 3, 4
+# "easy" exemplar: each geometry parameter moves by this share of its range (1 sigma). 0.45 moves the
+# parts by several pixels at 64 px, so a copy of the exemplar lands visibly off the condition.
+EASY_AMOUNT = 0.45
+# A "similar" exemplar appearance (training pairs): another face that looks alike, as a retrieval list
+# would pick it. Colours move by these standard deviations (on [0, 1]); texture and background draws
+# are the other face's own.
+SIMILAR_COLOUR_SPREAD = 0.08
+# Whose appearance the exemplar has: the sample's own (same), a similar face's (similar), or an
+# unrelated face's (independent).
+APPEARANCES = ("same", "similar", "independent")
 
 
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -421,8 +430,35 @@ def geometry_of(index: int, seed: int) -> dict[str, Any]:
 
 
 def appearance_of(index: int, seed: int) -> dict[str, Any]:
-    """Appearance of sample `index` (shared by its exemplar)."""
+    """Appearance of sample `index`."""
     return sample_appearance(_rng(seed, index, APPEARANCE_STREAM))
+
+
+def similar_appearance(appearance: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Another face that looks like `appearance`: same palette choices and background kind, every colour
+    moved by N(0, SIMILAR_COLOUR_SPREAD), textures, lighting and background layout drawn afresh."""
+    other = sample_appearance(rng)
+
+    def near(colour):
+        return [float(np.clip(c + rng.normal(0.0, SIMILAR_COLOUR_SPREAD), 0.0, 1.0)) for c in colour]
+
+    for name in ("skin", "hair", "brow", "iris", "lips", "mouth", "glasses", "cloth"):
+        other[name] = near(appearance[name])
+    other["bg_colours"] = [near(colour) for colour in appearance["bg_colours"]]
+    other["background"] = appearance["background"]
+    return other
+
+
+def exemplar_appearance(index: int, seed: int, kind: str) -> dict[str, Any]:
+    """Appearance of the exemplar of sample `index`: the sample's own, a similar one, or an unrelated one."""
+    if kind == "same":
+        return appearance_of(index, seed)
+    rng = _rng(seed, index, EXEMPLAR_APPEARANCE_STREAM)
+    if kind == "similar":
+        return similar_appearance(appearance_of(index, seed), rng)
+    if kind == "independent":
+        return sample_appearance(rng)
+    raise ValueError(f"unknown exemplar appearance {kind!r}; expected one of {APPEARANCES}")
 
 
 def exemplar_geometry(index: int, seed: int, pairing: str) -> dict[str, Any]:
@@ -447,39 +483,55 @@ def oracle(cond_geometry: dict[str, Any], ref_appearance: dict[str, Any], size: 
 
 
 @one_intra_op_thread()
-def make_pair(index: int, seed: int, size: int, variant: str = "official", pairing: str = "easy") -> dict:
-    """One training example: sample `index` and an exemplar sharing its appearance.
+def make_pair(
+    index: int,
+    seed: int,
+    size: int,
+    variant: str = "official",
+    pairing: str = "easy",
+    appearance: str = "independent",
+) -> dict:
+    """One example: sample `index` (photo and condition), its exemplar and the oracle.
 
-    Returns image, cond, ref, ref_cond, oracle (tensors; images in [-1, 1], conditions in [0, 1])
-    and meta (ids, pairing, the geometry and appearance parameters).
+    The exemplar has the pairing's geometry and the `appearance` kind's colours; a self pair is the
+    sample itself whatever `appearance` says. Returns image, cond, ref, ref_cond, oracle (tensors;
+    images in [-1, 1], conditions in [0, 1]) and meta (ids, pairing, appearance kind, the geometry and
+    appearance parameters of both faces).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown synthfaces variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    if appearance not in APPEARANCES:
+        raise ValueError(f"unknown exemplar appearance {appearance!r}; expected one of {APPEARANCES}")
     geometry = geometry_of(index, seed)
-    appearance = appearance_of(index, seed)
-    ref_geometry = exemplar_geometry(index, seed, pairing)
-    image, _ = render(geometry, appearance, size)
+    own_appearance = appearance_of(index, seed)
+    image, _ = render(geometry, own_appearance, size)
     cond = render_condition(geometry, size, variant, image)
     if pairing == "self":
-        ref, ref_cond = image.clone(), cond.clone()
+        appearance = "same"
+        ref_geometry, ref_appearance = geometry, own_appearance
+        ref, ref_cond, answer = image.clone(), cond.clone(), image.clone()
     else:
-        ref, _ = render(ref_geometry, appearance, size)
+        ref_geometry = exemplar_geometry(index, seed, pairing)
+        ref_appearance = exemplar_appearance(index, seed, appearance)
+        ref, _ = render(ref_geometry, ref_appearance, size)
         ref_cond = render_condition(ref_geometry, size, variant, ref)
-    # The exemplar shares the sample's appearance, so the oracle (cond geometry, ref appearance) is
-    # the sample itself; `oracle()` computes it for any other pairing.
+        # The condition's geometry in the exemplar's appearance (the sample itself when they share it).
+        answer = image.clone() if appearance == "same" else oracle(geometry, ref_appearance, size)
     return {
         "image": image,
         "cond": cond,
         "ref": ref,
         "ref_cond": ref_cond,
-        "oracle": image.clone(),
+        "oracle": answer,
         "meta": {
             "index": index,
             "seed": seed,
             "pairing": pairing,
+            "exemplar_appearance": appearance,
             "variant": variant,
             "geometry": geometry,
             "ref_geometry": ref_geometry,
-            "appearance": appearance,
+            "appearance": own_appearance,
+            "ref_appearance": ref_appearance,
         },  # fmt: skip
     }

@@ -50,7 +50,7 @@ def test_write_then_read_returns_exactly_the_samples_written(tmp_path):
     result = run(tmp_path, splits=("train",), seed=7)
     assert result["splits"]["train"] == {"count": 10, "shards": 3, "skipped": 0}
     index = read_index(tmp_path, "train")
-    assert index["format_version"] == 1 and index["plugin"] == "fake" and index["plugin_version"] == "3"
+    assert index["format_version"] == 2 and index["plugin"] == "fake" and index["plugin_version"] == "3"
     assert index["condition"]["kind"] == "fake" and index["condition"]["channels"] == 2
     assert index["shard_size"] == 4 and index["seed"] == 7 and index["source"] is None  # the plan
     assert [s["count"] for s in index["shards"]] == [4, 4, 2]
@@ -224,7 +224,7 @@ def test_read_index_errors_name_the_file(tmp_path):
     (tmp_path / "train" / "index.json").write_text(json.dumps({"format_version": 99, "shards": []}))
     with pytest.raises(MidmsError, match="format version 99"):
         read_index(tmp_path, "train")
-    assert shards.SHARD_FORMAT_VERSION == 1
+    assert shards.SHARD_FORMAT_VERSION == 2
 
 
 def _window(full: torch.Tensor, part: torch.Tensor) -> set[tuple[int, int, bool]]:

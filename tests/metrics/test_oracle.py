@@ -41,3 +41,22 @@ def test_mask_count_must_match_part_names():
         accumulator.add(
             torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), torch.ones(1, 2, 2, 2, dtype=torch.bool)
         )
+
+
+def test_part_colour_error_compares_mean_colours_per_region_by_hand():
+    from midms_cli.metrics.oracle import PartColourAccumulator, part_mean_colours
+
+    # A 1x2 image: left pixel region 0, right pixel region 1. Colours on [0, 1] = (x + 1) / 2.
+    labels = torch.tensor([[[0, 1]]])
+    oracle = torch.zeros(1, 3, 1, 2)  # every value 0.5
+    prediction = oracle.clone()
+    prediction[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # region 1: (1.0, 0.5, 0.5)
+    colours, pixels = part_mean_colours(prediction, labels, 3)
+    assert pixels.tolist() == [[1.0, 1.0, 0.0]]
+    assert colours[0, 1].tolist() == pytest.approx([1.0, 0.5, 0.5])
+    accumulator = PartColourAccumulator(["a", "b", "absent"])
+    accumulator.add(prediction, oracle, labels)
+    result = accumulator.result()
+    # Region a: distance 0; region b: 0.5; region "absent" has no pixels and is skipped.
+    assert result["part_colour_error"] == pytest.approx(0.25)
+    assert result["part_colour_error_b"] == pytest.approx(0.5) and "part_colour_error_absent" not in result

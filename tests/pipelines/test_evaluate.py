@@ -94,11 +94,10 @@ class _Images(HTMLParser):
 def test_end_to_end_files_numbers_and_reproducibility(setup, tmp_path):
     first = _run(setup, tmp_path / "a", baselines=True)
     results = first["results"]
-    model, copy, warp = (
-        results["model"],
-        results["baselines"]["exemplar_copy"],
-        results["baselines"]["initial_warp"],
-    )
+    methods = results["methods"]
+    assert list(methods) == ["model", "no_mask", "no_rewarp", "initial_warp", "exemplar_copy", "source_photo",
+                             "ceiling"]  # fmt: skip
+    model, copy = methods["model"], methods["exemplar_copy"]
     for name in (
         "fid",
         "fid_exemplars",
@@ -106,21 +105,25 @@ def test_end_to_end_files_numbers_and_reproducibility(setup, tmp_path):
         "swd",
         "swd_64",
         "swd_16",
+        "swd_oracle",
+        "swd_oracle_32",
         "lpips_diversity",
         "style_colour",
         "semantic_consistency",
         "oracle_output_psnr",
-        "oracle_warp_l1",
         "oracle_output_psnr_skin",
+        "part_colour_error",
+        "part_colour_error_background",
     ):
         assert name in model, name
     assert copy["fid_exemplars"] == pytest.approx(0.0, abs=1e-6)  # the copy *is* the exemplar set
     assert 0.5 < copy["style_colour"] <= 1.0  # same colours, but regions of different geometries
-    assert warp["oracle_output_psnr"] == pytest.approx(model["oracle_warp_psnr"])  # the same decoded warps
+    assert results["seeds"] == [3] and results["sd"] == {} and len(results["per_seed"]) == 1
     out = tmp_path / "a"
     protocol = json.loads((out / "protocol.json").read_text())
-    assert protocol["protocol_version"] == 1 and protocol["pairs"] == 4 and protocol["primary_pairs"] == 2
-    assert protocol["size"] == 64 and protocol["seeds"]["generation"] == 3
+    assert protocol["protocol_version"] == 2 and protocol["pairs"] == 4 and protocol["primary_pairs"] == 2
+    assert protocol["size"] == 64 and protocol["seeds"]["generation"] == [3]
+    assert protocol["ablations"]["no_rewarp"] == {"confidence_masking": False, "rewarp_positions": []}
     assert (out / "pairs.txt").read_text().splitlines() == [
         "val0000000 val0000000",
         "val0000000 val0000001",
@@ -137,6 +140,44 @@ def test_end_to_end_files_numbers_and_reproducibility(setup, tmp_path):
     assert second["results"] == results
     assert (tmp_path / "b" / "protocol.json").read_text() == (out / "protocol.json").read_text()
     assert (tmp_path / "b" / "results.json").read_text() == (out / "results.json").read_text()
+
+
+def _pairs(root: Path, count: int) -> list[dict]:
+    from midms_cli.data.shards import iterate_samples
+
+    return [sample for sample, _ in zip(iterate_samples(root / "shards", "val"), range(count), strict=False)]
+
+
+def test_baseline_rows_score_the_exemplar_the_source_photo_and_the_oracle_itself(setup, tmp_path):
+    from midms_cli.metrics.oracle import psnr
+
+    methods = _run(setup, tmp_path / "a", baselines=True, metrics=["oracle"])["results"]["methods"]
+    samples = _pairs(setup, 2)  # the two primary pairs of limit=2
+
+    def quantised(images):
+        return torch.round((images + 1) * 127.5) / 127.5 - 1
+
+    oracle = torch.stack([s["oracle"] for s in samples])
+    for row, images in (("exemplar_copy", [s["ref"] for s in samples]), ("source_photo", [s["image"] for s in samples])):
+        expected = psnr(quantised(torch.stack(images)), oracle).mean().item()
+        assert methods[row]["oracle_output_psnr"] == pytest.approx(expected, abs=1e-9)
+    # The val exemplars have their own colours: neither the copy nor the photo is the answer.
+    assert methods["exemplar_copy"]["oracle_output_psnr"] < 40 and methods["source_photo"]["oracle_output_psnr"] < 40
+    assert methods["source_photo"]["part_colour_error"] > 0
+
+
+def test_seeds_give_the_mean_and_sd_of_the_per_seed_numbers(setup, tmp_path):
+    results = _run(setup, tmp_path / "s", baselines=True, metrics=["oracle"], seeds=2)["results"]
+    assert results["seeds"] == [3, 4] and [run["seed"] for run in results["per_seed"]] == [3, 4]
+    values = [run["methods"]["model"]["oracle_output_psnr"] for run in results["per_seed"]]
+    assert values[0] != values[1]  # the noise differs between seeds
+    mean = sum(values) / 2
+    assert results["methods"]["model"]["oracle_output_psnr"] == pytest.approx(mean)
+    assert results["sd"]["model"]["oracle_output_psnr"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    # Baselines without noise do not move.
+    assert results["sd"]["exemplar_copy"]["oracle_output_psnr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(MidmsError, match="--seeds"):
+        _run(setup, tmp_path / "bad", seeds=0)
 
 
 def test_pair_list_with_unknown_key_fails_before_any_output(setup, tmp_path):
@@ -183,7 +224,7 @@ def test_cli_model_mode_prints_table_and_writes_files(setup, tmp_path, monkeypat
     out, err = capsys.readouterr()
     assert (info.value.code or 0) == 0, err
     result = json.loads(out)
-    assert set(result["results"]) >= {"swd", "oracle_output_psnr", "oracle_warp_psnr"}
+    assert set(result["results"]["methods"]["model"]) >= {"swd", "oracle_output_psnr", "part_colour_error"}
     assert result["protocol"]["metrics"] == ["swd", "oracle"] and result["protocol"]["pairs"] == 1
     for name in ("protocol.json", "results.json", "report.html", "pairs.txt"):
         assert (tmp_path / "cli" / name).is_file()
@@ -242,7 +283,7 @@ def test_reference_features_are_cached_per_data_pairs_and_network(setup, tmp_pat
         )
 
     first = run(tmp_path / "a")
-    assert sorted(first["results"]) == ["fid", "fid_exemplars"]
+    assert sorted(first["results"]["methods"]["model"]) == ["fid", "fid_exemplars"]
     assert first["protocol"]["weights"] == {"inception-fid": "cd" * 32}
     cached = sorted((home / "fid-stats").glob("*.safetensors"))
     assert len(cached) == 2  # sources and exemplars

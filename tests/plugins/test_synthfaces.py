@@ -7,6 +7,7 @@ from midms_plugins.synthfaces import PLUGIN, split_seed
 from midms_plugins.synthfaces.generator import (
     NEUTRAL_APPEARANCE,
     appearance_of,
+    exemplar_appearance,
     exemplar_geometry,
     geometry_of,
     make_pair,
@@ -26,8 +27,8 @@ SIZE = 32
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs():
-    first = make_pair(3, 7, SIZE, "official", "easy")
-    second = make_pair(3, 7, SIZE, "official", "easy")
+    first = make_pair(3, 7, SIZE, "official", "easy", "independent")
+    second = make_pair(3, 7, SIZE, "official", "easy", "independent")
     for key in ("image", "cond", "ref", "ref_cond", "oracle"):
         assert first[key].numpy().tobytes() == second[key].numpy().tobytes()
     assert first["meta"] == second["meta"]
@@ -81,15 +82,51 @@ def test_canny_conditions_are_what_translate_computes_from_the_photos(pairing):
 
 
 @pytest.mark.parametrize("pairing", ["easy", "hard"])
-def test_exemplar_shares_appearance_under_another_geometry(pairing):
-    pair = make_pair(2, 0, SIZE, "official", pairing)
-    geometry, appearance = geometry_of(2, 0), appearance_of(2, 0)
-    ref_geometry = exemplar_geometry(2, 0, pairing)
-    assert ref_geometry != geometry
-    assert torch.equal(pair["ref"], render(ref_geometry, appearance, SIZE)[0])
-    assert not torch.equal(pair["ref"], pair["image"])
-    assert torch.equal(pair["oracle"], oracle(geometry, appearance, SIZE))
-    assert torch.equal(pair["oracle"], pair["image"])  # the exemplar's appearance is the sample's
+def test_independent_exemplar_has_its_own_appearance_and_geometry_and_the_oracle_is_exact(pairing):
+    pair = make_pair(2, 0, SIZE, "official", pairing, "independent")
+    geometry, ref_geometry = geometry_of(2, 0), exemplar_geometry(2, 0, pairing)
+    ref_appearance = exemplar_appearance(2, 0, "independent")
+    assert ref_geometry != geometry and ref_appearance != appearance_of(2, 0)
+    assert pair["meta"]["ref_appearance"] == ref_appearance and pair["meta"]["exemplar_appearance"] == "independent"
+    assert torch.equal(pair["ref"], render(ref_geometry, ref_appearance, SIZE)[0])
+    # The oracle: the condition's geometry painted in the exemplar's colours; neither the photo nor the exemplar.
+    assert torch.equal(pair["oracle"], oracle(geometry, ref_appearance, SIZE))
+    assert not torch.equal(pair["oracle"], pair["image"]) and not torch.equal(pair["oracle"], pair["ref"])
+
+
+def test_same_appearance_keeps_the_old_pairs_whose_oracle_is_the_photo():
+    pair = make_pair(2, 0, SIZE, "official", "easy", "same")
+    assert torch.equal(pair["ref"], render(exemplar_geometry(2, 0, "easy"), appearance_of(2, 0), SIZE)[0])
+    assert torch.equal(pair["oracle"], pair["image"])
+
+
+def _colour_distance(a: dict, b: dict) -> float:
+    names = ("skin", "hair", "lips", "cloth")
+    return sum(float(np.abs(np.subtract(a[n], b[n])).sum()) for n in names)
+
+
+def test_similar_appearance_is_closer_than_an_independent_one_but_not_identical():
+    similar = [_colour_distance(appearance_of(i, 0), exemplar_appearance(i, 0, "similar")) for i in range(20)]
+    independent = [_colour_distance(appearance_of(i, 0), exemplar_appearance(i, 0, "independent"))
+                   for i in range(20)]  # fmt: skip
+    assert all(d > 0 for d in similar)
+    assert 3 * np.mean(similar) < np.mean(independent)
+    assert exemplar_appearance(3, 0, "similar")["background"] == appearance_of(3, 0)["background"]
+    with pytest.raises(ValueError, match="exemplar appearance"):
+        exemplar_appearance(0, 0, "twin")
+
+
+def test_plugin_pairs_train_with_similar_and_val_with_independent_exemplars_by_default():
+    options = {**PLUGIN.default_options(), "train_count": 4, "val_count": 4, "variant": "canny"}
+    assert PLUGIN.appearance_of("train", options) == "similar"
+    assert PLUGIN.appearance_of("val", options) == "independent"
+    assert PLUGIN.appearance_of("val", {**options, "exemplar_appearance": "same"}) == "same"
+    for split, kind in (("train", "similar"), ("val", "independent")):
+        for sample in PLUGIN.samples(None, split, options, seed=0, size=SIZE):
+            expected = "same" if sample.meta["pairing"] == "self" else kind
+            assert sample.meta["exemplar_appearance"] == expected
+            if expected != "same":
+                assert not torch.equal(sample.oracle, sample.image)
 
 
 def test_hard_exemplar_differs_more_than_easy():
