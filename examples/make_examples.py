@@ -1,31 +1,30 @@
 """Regenerate examples/: condition/exemplar pairs from held-out synthfaces samples, their translations by
 the bundled model, and overview.png (condition | exemplar | output | oracle, one row per pair).
 
-The held-out samples are the val split of the bundle run (`midms demo --profile bundle --out runs/bundle`,
-generated with seed 1; the model trained on seed 0). Outputs go through the same code path as
-`midms translate COND REF` without other arguments: the exemplar's canny condition is computed from the
-photo. Of the first CANDIDATES samples, the PAIRS with the highest oracle PSNR are kept (the average over
-200 pairs is in the README's quality table).
+The held-out samples are the val split of the bundle run (`midms demo --train --profile bundle --out
+runs/bundle`, generated with seed 1; the model trained on seed 0): every exemplar is another face, with
+colours of its own. Outputs go through the same code path as `midms translate COND REF` without other
+arguments: the exemplar's canny condition is computed from the photo. The first PAIRS samples are kept,
+unselected (the average over 200 pairs is in the README's quality table).
 
-    python examples/make_examples.py [--data runs/bundle/data] [--pairs 4]
+    python examples/make_examples.py [--data runs/bundle/data] [--pairs 6]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
 
 from midms_cli.conditions.io import save_condition
 from midms_cli.data.shards import iterate_samples
+from midms_cli.grids import condition_picture, save_labelled_grid
 from midms_cli.images import load_image, save_png
 from midms_cli.metrics.oracle import psnr
 from midms_cli.pipelines.translate import BUNDLED_MODEL, Pair, TranslateOptions, load_midm, translate_pairs
 
 HERE = Path(__file__).resolve().parent
-CANDIDATES = 40
 
 
 def candidates(data: Path, count: int) -> list[dict]:
@@ -46,23 +45,14 @@ def translate_files(model, condition: Path, exemplar: Path, output: Path) -> tor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("runs/bundle/data"))
-    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=6)
     args = parser.parse_args()
 
     model = load_midm(BUNDLED_MODEL)
-    scored = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for sample in candidates(args.data, CANDIDATES):
-            key = sample["meta"]["key"]
-            condition, exemplar = Path(scratch) / f"{key}_cond.png", Path(scratch) / f"{key}_ref.png"
-            save_condition(sample["cond"], condition)
-            save_png(sample["ref"], exemplar)
-            output = translate_files(model, condition, exemplar, Path(scratch) / f"{key}_out.png")
-            scored.append((float(psnr(output[None], sample["oracle"][None])[0]), sample))
-    scored.sort(key=lambda item: -item[0])
-
+    for old in HERE.glob("[0-9][0-9]_*.png"):
+        old.unlink()
     rows = []
-    for number, (value, sample) in enumerate(scored[: args.pairs], start=1):
+    for number, sample in enumerate(candidates(args.data, args.pairs), start=1):
         stem = HERE / f"{number:02d}"
         condition, exemplar, output = (Path(f"{stem}_cond.png"), Path(f"{stem}_ref.png"),
                                        Path(f"{stem}_out.png"))
@@ -70,11 +60,10 @@ def main() -> None:
         save_png(sample["ref"], exemplar)
         image = translate_files(model, condition, exemplar, output)
         save_png(sample["oracle"], Path(f"{stem}_oracle.png"))
-        edges = (1 - sample["cond"][:1]).expand(3, -1, -1) * 2 - 1  # black edges on white
-        rows.append(torch.cat([edges, sample["ref"], image, sample["oracle"]], dim=2))
-        pairing = sample["meta"].get("pairing")
-        print(f"{stem.name}: {sample['meta']['key']} ({pairing}) oracle PSNR {value:.2f} dB")
-    save_png(torch.cat(rows, dim=1), HERE / "overview.png")
+        rows.append([condition_picture(sample["cond"]), sample["ref"], image, sample["oracle"]])
+        value = float(psnr(image[None], sample["oracle"][None])[0])
+        print(f"{stem.name}: {sample['meta']['key']} ({sample['meta'].get('pairing')}) oracle PSNR {value:.2f} dB")
+    save_labelled_grid(HERE / "overview.png", rows, ("condition", "exemplar", "output", "oracle"))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ PROFILES: dict[str, DemoProfile] = {
         DemoProfile("full", "the demo (about 10 minutes on 2 CPU cores)", 1024, 100,
                     1500, 800, 100, 30),
         DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 4096, 200,
-                    3000, 8000, 1500, 300, unet={"model_channels": 64},
+                    3000, 8000, 1500, 120, unet={"model_channels": 64},
                     sampler={"refine": "none", "tau": 0.02, "ddim_steps": 32}),
     )
 }
