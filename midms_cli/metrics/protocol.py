@@ -19,7 +19,7 @@ import midms_cli
 from midms_cli.atomic import write_text
 from midms_cli.errors import MidmsError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from midms_cli.metrics.fid import (
 from midms_cli.metrics.lpips import DiversityAccumulator
 from midms_cli.metrics.oracle import OracleAccumulator
 from midms_cli.metrics.style import StyleAccumulator
-from midms_cli.metrics.swd import DescriptorSet, swd_from_sets
+from midms_cli.metrics.swd import descriptor_sets, swd_from_sets
 
 INCEPTION_SETS = ("output", "source", "exemplar")
 
@@ -65,7 +65,7 @@ class MetricSuite:
                 if loaded is not None:
                     self.cached[name] = loaded
         self.swd_sets = (
-            {name: DescriptorSet(self.resolution, self.seed) for name in ("output", "source")}
+            dict(zip(("source", "output"), descriptor_sets(self.resolution, self.seed), strict=True))
             if "swd" in self.metrics
             else {}
         )

@@ -119,7 +119,7 @@ def test_end_to_end_files_numbers_and_reproducibility(setup, tmp_path):
     assert warp["oracle_output_psnr"] == pytest.approx(model["oracle_warp_psnr"])  # the same decoded warps
     out = tmp_path / "a"
     protocol = json.loads((out / "protocol.json").read_text())
-    assert protocol["protocol_version"] == 1 and protocol["pairs"] == 4 and protocol["primary_pairs"] == 2
+    assert protocol["protocol_version"] == 2 and protocol["pairs"] == 4 and protocol["primary_pairs"] == 2
     assert protocol["size"] == 64 and protocol["seeds"]["generation"] == 3
     assert (out / "pairs.txt").read_text().splitlines() == [
         "val0000000 val0000000",
