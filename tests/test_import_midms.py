@@ -367,17 +367,19 @@ def import_args(root, checkpoint, out):
     return ["weights", "import-midms", str(checkpoint), "--ldm", ldm, "--out", str(out)]
 
 
-@pytest.mark.parametrize("layout", ["constructed", "set_copy", "forward"])
-def test_every_official_layout_imports_to_the_same_model(released, tmp_path, capsys, layout):
+def test_every_official_layout_imports_to_the_same_model(released, tmp_path, capsys):
     root, _, _ = released
     release = root / "midms_celebA_finetuned.pth"
-    code, _, err = run(import_args(root, release, tmp_path / "a.safetensors"), capsys)
+    code, _, err = run(import_args(root, release, tmp_path / "release.safetensors"), capsys)
     assert code == 0, err
-    code, _, err = run(import_args(root, root / f"{layout}.pth", tmp_path / "b.safetensors"), capsys)
-    assert code == 0, err
-    a, b = load_midm(tmp_path / "a.safetensors"), load_midm(tmp_path / "b.safetensors")
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(x, y), name
+    reference = load_midm(tmp_path / "release.safetensors").state_dict()
+    for layout in ("constructed", "set_copy", "forward"):
+        out = tmp_path / f"{layout}.safetensors"
+        code, _, err = run(import_args(root, root / f"{layout}.pth", out), capsys)
+        assert code == 0, f"{layout}: {err}"
+        imported = load_midm(out).state_dict()
+        assert list(imported) == list(reference)
+        assert all(torch.equal(imported[name], reference[name]) for name in reference), layout
 
 
 def test_a_model_imported_from_a_forward_layout_translates(released, tmp_path, capsys):
@@ -395,6 +397,12 @@ def test_a_model_imported_from_a_forward_layout_translates(released, tmp_path, c
     code, _, err = run(args, capsys)
     assert code == 0, err
     assert (tmp_path / "o.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def forward_state(released):
+    root, _, _ = released
+    return torch.load(root / "forward.pth", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize(
@@ -417,13 +425,31 @@ def test_a_model_imported_from_a_forward_layout_translates(released, tmp_path, c
          "not 'diffusion_sampler.ddim_sqrt_one_minus_alphas'"),
         (lambda s: s.__setitem__("diffusion_sampler.ddim_timesteps", torch.zeros(17)),
          "unexpected key 'diffusion_sampler.ddim_timesteps'"),
+    ],
+)
+def test_an_inconsistent_repeat_or_buffer_is_refused_by_name(forward_state, edit, message):
+    from midms_cli.errors import MidmsError
+    from midms_cli.official_layout import without_sampler_entries
+
+    state = {k: v.clone() for k, v in forward_state.items()}
+    edit(state)
+    with pytest.raises(MidmsError) as caught:
+        without_sampler_entries(state, ldm_config()[2])
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s["diffusion_sampler.model.model.diffusion_model.out.2.bias"].add_(1),
+         "'diffusion_sampler.model.model.diffusion_model.out.2.bias' differs"),
         (lambda s: s["diff_model.betas"].mul_(1.01), "'diff_model.betas'"),
     ],
 )
-def test_an_inconsistent_repeat_or_buffer_is_refused_by_name(released, tmp_path, capsys, edit, message):
+def test_the_command_refuses_in_one_line_and_writes_nothing(released, forward_state, tmp_path, capsys,
+                                                             edit, message):
     root, _, _ = released
-    state = torch.load(root / "forward.pth", weights_only=True)["state_dict"]
-    state = {k: v.clone() for k, v in state.items()}
+    state = {k: v.clone() for k, v in forward_state.items()}
     edit(state)
     torch.save({"state_dict": state}, tmp_path / "edited.pth")
     out = tmp_path / "out.safetensors"
