@@ -117,7 +117,7 @@ def translate_command(
     noise_order: str = typer.Option(
         "midms", "--noise-order", rich_help_panel=_SAMPLER,
         help="midms: one generator; official: torch's and numpy's streams from --seed consumed as the "
-        "official MIDMs forward consumes them (43 draws), so the released weights give its image.",
+        "official MIDMs forward consumes them (43 draws at the official settings).",
     ),
     precision: str = typer.Option(
         "fp32",
