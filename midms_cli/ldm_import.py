@@ -63,7 +63,11 @@ class LdmConfigs:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """The YAML as plain data (safe_load: no objects are constructed)."""
+    """The YAML as plain data (safe_load: no objects are constructed), its model under `model:`.
+
+    A YAML whose top level is `first_stage_config:` (a first stage's `target` + `params`) is read
+    as that first stage's config.
+    """
     import yaml  # only this command needs pyyaml
 
     try:
@@ -74,8 +78,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise MidmsError(
             f"cannot read {path} as YAML ({type(exc).__name__}); pass the model's config.yaml"
         ) from None
+    if isinstance(data, dict) and "model" not in data and isinstance(data.get("first_stage_config"), dict):
+        # A first stage described on its own, as the section a LatentDiffusion config nests.
+        return {"model": data["first_stage_config"]}
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise MidmsError(f"{path} has no `model:` section; pass the latent-diffusion config.yaml")
+        raise MidmsError(f"{path} has no `model:` (or first-stage `first_stage_config:`) section; "
+                         "pass the latent-diffusion config.yaml")
     return data
 
 

@@ -1,4 +1,4 @@
-"""Import the released MIDMs checkpoint (spec 6.0) as a midms model file (kind "midms").
+"""Import the released MIDMs checkpoint as a midms model file (kind "midms").
 
 The release stores `{"state_dict": ...}` of the whole official module: the fine-tuned UNet and the
 frozen first stage under `diff_model.` in latent-diffusion's layout, and the correspondence
@@ -6,6 +6,11 @@ networks (`seg_enc`, `real_enc`, `iter_enc`, `layer`, `theta`, `phi`) with legac
 entries. It carries no config, so the architecture comes from the LDM it was fine-tuned from (an
 imported LDM file) and from the correspondence tensors' own shapes. Read with
 torch.load(weights_only=True); every key is mapped or named in an error before anything is written.
+
+The official DDIM sampler is itself an `nn.Module` holding the LDM, so a state dict of the official
+module repeats the LDM under `diffusion_sampler.model.` (and, after `set_copy()`, under
+`copied_diffusion_sampler.model.`), and after a forward also holds the sampler's schedule buffers.
+Those repeats are checked against what they repeat and dropped (midms_cli/official_layout.py).
 """
 
 from __future__ import annotations
@@ -19,19 +24,20 @@ from torch import Tensor
 
 from midms_cli.config import CorrespondenceConfig, ModelConfig, validate
 from midms_cli.errors import ConfigError, MidmsError
-from midms_cli.ldm_import import expected_shapes, load_ldm
+from midms_cli.ldm_import import check_schedule, expected_shapes, load_ldm
 from midms_cli.models import ldm_layout
 from midms_cli.models.blocks import convert_legacy_spectral_norm
 from midms_cli.models.midm import MIDM
+from midms_cli.official_layout import without_sampler_entries
 from midms_cli.pipelines.translate import save_midm
 from midms_cli.weights import read_state_dict
 
 DIFFUSION_PREFIX = "diff_model."
 CORRESPONDENCE_PREFIXES = ("seg_enc.", "real_enc.", "iter_enc.", "layer.", "theta.", "phi.")
-# The official `set_copy()` builds a second, never-loaded LDM for refinement (spec 1.11); a
-# checkpoint saved after calling it would carry that random UNet, which nothing should use.
+# The official `set_copy()` builds a second LDM that is never loaded and never used (its refinement
+# sampler wraps `diff_model`); a checkpoint saved after calling it carries those random weights.
 DROPPED_PREFIXES = ("copied_diff_model.",)
-# Condition kind by the number of condition channels of the released models (spec 1.4).
+# Condition kind by the number of condition channels of the released models.
 KIND_BY_CHANNELS = {15: "celebahq-edges", 20: "openpose", 151: "ade20k", 1: "canny"}
 
 
@@ -62,7 +68,7 @@ def _shape(tensors: dict[str, Tensor], key: str) -> torch.Size:
 
 
 def correspondence_config(tensors: dict[str, Tensor]) -> CorrespondenceConfig:
-    """The correspondence widths read off the official tensors' shapes (spec 1.4)."""
+    """The correspondence widths read off the official tensors' shapes."""
     stem = tuple(int(_shape(tensors, f"seg_enc.layer{i}.0.weight_orig")[0]) for i in (1, 2, 3))
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"layer\.(\d+)\.", k))}
     return CorrespondenceConfig(
@@ -84,7 +90,15 @@ def import_midms(checkpoint: Path, ldm: Path, out: Path, condition: str | None =
             f"{ldm} holds only a first stage; import-midms needs the full LDM (first stage + UNet) "
             "the model was fine-tuned from"
         )
-    diffusion_state, correspondence_state = split_state_dict(read_state_dict(Path(checkpoint)))
+    state = without_sampler_entries(read_state_dict(Path(checkpoint)), configs.diffusion)
+    diffusion_state, correspondence_state = split_state_dict(state)
+    try:
+        check_schedule(diffusion_state, configs.diffusion)
+    except MidmsError:
+        raise MidmsError(
+            f"the checkpoint's 'diff_model.betas' are not the schedule of {ldm}; "
+            "pass the LDM the model was fine-tuned from"
+        ) from None
 
     # The configs: the LDM's first stage, UNet and schedule; correspondence widths from the tensors.
     correspondence = correspondence_config(correspondence_state)

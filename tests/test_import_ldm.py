@@ -432,3 +432,18 @@ def test_the_released_celeba256_config_gives_the_paper_preset():
     assert configs.diffusion == paper.diffusion
     shapes = expected_shapes(configs)
     assert sum(s.numel() for k, s in shapes.items() if k.startswith("unet.")) == 274_056_163
+
+
+def test_a_yaml_whose_top_level_is_first_stage_config_imports_as_a_first_stage(tmp_path, capsys):
+    section = ldm_yaml()["model"]["params"]["first_stage_config"]  # VQModelInterface + params
+    configs = ldm_configs(first_stage_yaml())
+    state = random_state(build_modules(configs)["first_stage"], 6)
+    config_path, ckpt_path = write_inputs(tmp_path, {"first_stage_config": section}, state)
+    out = tmp_path / "vq.safetensors"
+    code, _, err = run(capsys, *import_args(config_path, ckpt_path, out))
+    assert code == 0, err
+    loaded, modules = load_ldm(out)
+    assert loaded.unet is None and loaded.autoencoder == configs.autoencoder
+    assert torch.equal(modules["first_stage"].quant_conv.weight, state["quant_conv.weight"])
+    # Neither section: one line naming both.
+    expect_error(capsys, tmp_path, {"first_stage": section}, state, "`model:`", "`first_stage_config:`")

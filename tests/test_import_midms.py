@@ -1,14 +1,17 @@
-"""`midms weights import-midms` on a checkpoint built here in the official layout (random values).
+"""`midms weights import-midms` on checkpoints built here in the official layouts (random values).
 
 The official correspondence networks are re-written below with the legacy spectral-norm hook and
 the release's module names, independently of midms_cli.models.blocks; the imported model must
-compute the same features.
+compute the same features. The official module's DDIM samplers are nn.Modules holding the LDM;
+they are rebuilt here (with their schedule buffers computed in numpy as latent-diffusion does) so
+that `state_dict()` repeats the LDM exactly as PyTorch does for the official module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,6 +124,76 @@ class OfficialMatching(nn.Module):
         self.theta, self.phi = nn.Conv2d(CH + NC, CH, 1), nn.Conv2d(CH + NC, CH, 1)
 
 
+# -- the official module tree: the LDM, its samplers, set_copy() --------------------------------
+
+
+def module_holding(tensors):
+    """An nn.Module whose state_dict() is `tensors` (one submodule per dotted name part)."""
+    root = nn.Module()
+    for key, value in tensors.items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        node.register_buffer(leaf, value.clone())
+    return root
+
+
+class OfficialSampler(nn.Module):
+    """latent-diffusion's DDIMSampler as a module: the LDM as `.model`, buffers set per call."""
+
+    def __init__(self, model, diffusion):
+        super().__init__()
+        self.model, self.diffusion = model, diffusion
+
+    def make_schedule(self, steps, eta):
+        d = self.diffusion
+        betas = np.linspace(d.linear_start**0.5, d.linear_end**0.5, d.timesteps, dtype=np.float64) ** 2
+        acp = np.cumprod(1.0 - betas)
+        f32 = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+        a, a_prev = f32(acp), f32(np.append(1.0, acp[:-1]))
+        buffers = {"betas": f32(betas), "alphas_cumprod": a, "alphas_cumprod_prev": a_prev,
+                   "sqrt_alphas_cumprod": f32(np.sqrt(a.numpy())),
+                   "sqrt_one_minus_alphas_cumprod": f32(np.sqrt(1.0 - a.numpy())),
+                   "log_one_minus_alphas_cumprod": f32(np.log(1.0 - a.numpy())),
+                   "sqrt_recip_alphas_cumprod": f32(np.sqrt(1.0 / a.numpy())),
+                   "sqrt_recipm1_alphas_cumprod": f32(np.sqrt(1.0 / a.numpy() - 1))}
+        grid = np.asarray(list(range(0, d.timesteps, d.timesteps // steps))) + 1
+        alphas = a.numpy()[grid]
+        alphas_prev = np.asarray([a.numpy()[0]] + a.numpy()[grid[:-1]].tolist())
+        sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+        buffers |= {"ddim_sigmas": f32(sigmas),
+                    "ddim_alphas": f32(alphas), "ddim_alphas_prev": f32(alphas_prev),
+                    "ddim_sqrt_one_minus_alphas": f32(np.sqrt(1.0 - alphas)),
+                    "ddim_sigmas_for_original_num_steps":
+                        eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))}
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+
+
+class OfficialMIDMs(nn.Module):
+    """The official module's attribute tree: diff_model, its sampler, the matching networks."""
+
+    def __init__(self, ldm_state, matching, diffusion):
+        super().__init__()
+        self.diffusion = diffusion
+        self.diff_model = module_holding(ldm_state)
+        self.diffusion_sampler = OfficialSampler(self.diff_model, diffusion)
+        for name, child in matching.named_children():
+            self.add_module(name, child)
+
+    def set_copy(self, random_ldm_state):
+        self.copied_diff_model = module_holding(random_ldm_state)
+        self.copied_diffusion_sampler = OfficialSampler(self.diff_model, self.diffusion)
+
+    def inference_forward(self):
+        """What one inference forward leaves behind: the loop's S = 16 and the refinement's 200, η = 1."""
+        self.diffusion_sampler.make_schedule(16, 0.0)
+        self.copied_diffusion_sampler.make_schedule(200, 1.0)
+
+
 # -- fixtures ----------------------------------------------------------------------------------
 
 
@@ -165,11 +238,27 @@ def released(tmp_path_factory):
     official.eval()
     ours = {f"first_stage.{k}": v for k, v in first_stage.state_dict().items()}
     ours |= {f"unet.{k}": v for k, v in finetuned_unet.state_dict().items()}
-    state = {f"diff_model.{k}": v for k, v in to_ldm_state_dict(ours, "ldm", include_ema=True).items()}
-    state["diff_model.betas"] = torch.zeros(1000)
-    state["diff_model.model_ema.num_updates"] = torch.tensor(0)
-    state |= official.state_dict()
-    assert any(k.endswith("weight_orig") for k in state) and any(k.endswith("weight_u") for k in state)
+    ldm_state = to_ldm_state_dict(ours, "ldm", include_ema=True)
+    sampler = OfficialSampler(None, diffusion_cfg)
+    sampler.make_schedule(16, 0.0)
+    ldm_state["betas"] = sampler.betas.clone()  # LatentDiffusion's own float32 schedule buffers
+    ldm_state["alphas_cumprod"] = sampler.alphas_cumprod.clone()
+    ldm_state["model_ema.num_updates"] = torch.tensor(0)
+    module = OfficialMIDMs(ldm_state, official, diffusion_cfg)
+    layouts = {"constructed": module.state_dict()}  # as train.py saves it (model.module.state_dict())
+    module.set_copy({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ldm_state.items()})
+    layouts["set_copy"] = module.state_dict()
+    module.inference_forward()
+    layouts["forward"] = module.state_dict()
+    assert any(k.endswith("weight_orig") for k in layouts["constructed"])
+    assert any(k.endswith("weight_u") for k in layouts["constructed"])
+    assert "diffusion_sampler.model.model.diffusion_model.out.2.weight" in layouts["constructed"]
+    assert "copied_diffusion_sampler.model.betas" in layouts["set_copy"]
+    assert layouts["forward"]["diffusion_sampler.ddim_alphas"].shape == (17,)
+    for name, state in layouts.items():
+        torch.save({"state_dict": state}, root / f"{name}.pth")
+    # The release itself: the networks and diff_model only.
+    state = {k: v for k, v in layouts["constructed"].items() if not k.startswith("diffusion_sampler.")}
     torch.save({"state_dict": state}, root / "midms_celebA_finetuned.pth")
     return root, official, finetuned_unet
 
@@ -271,3 +360,113 @@ def test_unknown_keys_and_a_first_stage_only_ldm_are_rejected(released, tmp_path
     )
     assert code == 2 and "first stage" in err
     assert not out.exists()
+
+
+def import_args(root, checkpoint, out):
+    ldm = str(root / "ldm.safetensors")
+    return ["weights", "import-midms", str(checkpoint), "--ldm", ldm, "--out", str(out)]
+
+
+def test_every_official_layout_imports_to_the_same_model(released, tmp_path, capsys):
+    root, _, _ = released
+    release = root / "midms_celebA_finetuned.pth"
+    code, _, err = run(import_args(root, release, tmp_path / "release.safetensors"), capsys)
+    assert code == 0, err
+    reference = load_midm(tmp_path / "release.safetensors").state_dict()
+    for layout in ("constructed", "set_copy", "forward"):
+        out = tmp_path / f"{layout}.safetensors"
+        code, _, err = run(import_args(root, root / f"{layout}.pth", out), capsys)
+        assert code == 0, f"{layout}: {err}"
+        imported = load_midm(out).state_dict()
+        assert list(imported) == list(reference)
+        assert all(torch.equal(imported[name], reference[name]) for name in reference), layout
+
+
+def test_a_model_imported_from_a_forward_layout_translates(released, tmp_path, capsys):
+    root, _, _ = released
+    model = tmp_path / "m.safetensors"
+    code, _, err = run(import_args(root, root / "forward.pth", model), capsys)
+    assert code == 0, err
+    np.save(tmp_path / "cond.npy", np.random.default_rng(0).random((NC, 32, 32)).astype(np.float32))
+    from PIL import Image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "r.png")
+    args = ["translate", str(tmp_path / "cond.npy"), str(tmp_path / "r.png"), "--ref-cond",
+            str(tmp_path / "cond.npy"), "-o", str(tmp_path / "o.png"), "--model", str(model)]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "o.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def forward_state(released):
+    root, _, _ = released
+    return torch.load(root / "forward.pth", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s["diffusion_sampler.model.model.diffusion_model.out.2.bias"].add_(1),
+         "'diffusion_sampler.model.model.diffusion_model.out.2.bias' differs from "
+         "'diff_model.model.diffusion_model.out.2.bias'"),
+        (lambda s: s.__setitem__("copied_diffusion_sampler.model.first_stage_model.quant_conv.weight",
+                                 torch.zeros_like(s["diff_model.first_stage_model.quant_conv.weight"])),
+         "'copied_diffusion_sampler.model.first_stage_model.quant_conv.weight' differs"),
+        (lambda s: s.__setitem__("diffusion_sampler.model.extra", torch.zeros(1)), "'diff_model.extra'"),
+        (lambda s: s.__setitem__("diffusion_sampler.ddim_alphas", s["diffusion_sampler.ddim_alphas"][1:]),
+         "diffusion_sampler.ddim_alphas is no DDIM grid"),
+        (lambda s: s["diffusion_sampler.ddim_sigmas"].add_(0.1),
+         "'diffusion_sampler.ddim_sigmas' is not the DDIM value for S = 16"),
+        (lambda s: s["copied_diffusion_sampler.betas"].mul_(1.01),
+         "'copied_diffusion_sampler.betas' is not the LDM's schedule"),
+        (lambda s: s.pop("diffusion_sampler.ddim_sqrt_one_minus_alphas"),
+         "not 'diffusion_sampler.ddim_sqrt_one_minus_alphas'"),
+        (lambda s: s.__setitem__("diffusion_sampler.ddim_timesteps", torch.zeros(17)),
+         "unexpected key 'diffusion_sampler.ddim_timesteps'"),
+    ],
+)
+def test_an_inconsistent_repeat_or_buffer_is_refused_by_name(forward_state, edit, message):
+    from midms_cli.errors import MidmsError
+    from midms_cli.official_layout import without_sampler_entries
+
+    state = {k: v.clone() for k, v in forward_state.items()}
+    edit(state)
+    with pytest.raises(MidmsError) as caught:
+        without_sampler_entries(state, ldm_config()[2])
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s["diffusion_sampler.model.model.diffusion_model.out.2.bias"].add_(1),
+         "'diffusion_sampler.model.model.diffusion_model.out.2.bias' differs"),
+        (lambda s: s["diff_model.betas"].mul_(1.01), "'diff_model.betas'"),
+    ],
+)
+def test_the_command_refuses_in_one_line_and_writes_nothing(released, forward_state, tmp_path, capsys,
+                                                             edit, message):
+    root, _, _ = released
+    state = {k: v.clone() for k, v in forward_state.items()}
+    edit(state)
+    torch.save({"state_dict": state}, tmp_path / "edited.pth")
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(import_args(root, tmp_path / "edited.pth", out), capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_the_training_forward_schedule_and_a_reference_eta_are_recognised(released, tmp_path, capsys):
+    from midms_cli.official_layout import step_count, without_sampler_entries
+
+    root, official, _ = released
+    _, _, diffusion = ldm_config()
+    sampler = OfficialSampler(None, diffusion)
+    for steps, eta in ((8, 0.0), (16, 0.0), (200, 1.0), (50, 0.5)):
+        sampler.make_schedule(steps, eta)
+        same_grid = {s for s in range(1, 501) if 1000 // s == 1000 // steps}
+        assert step_count(diffusion, sampler.ddim_alphas) in same_grid
+        state = {f"diffusion_sampler.{k}": v for k, v in sampler.state_dict().items()}
+        assert without_sampler_entries(state | {"x": torch.zeros(1)}, diffusion) == {"x": torch.zeros(1)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -189,3 +190,44 @@ def test_warped_segmentation_loss_ignores_class_zero_and_classes_absent_from_exe
     # Dropped: pixel 1 (class 2 is absent from the exemplar) and pixel 2 (class 0).
     expected = (-math.log(0.25 + 1e-10) - math.log(0.8 + 1e-10)) / (2 + 1e-5)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _cocosnet_reference(x, y, h, centring):
+    """CoCosNet's per-sample contextual loss written out with plain tensor steps (float64)."""
+    b, c = x.shape[:2]
+    if centring == "channel":
+        mean = y.reshape(b, c, -1).mean(dim=-1).reshape(b, c, 1, 1)
+    else:
+        mean = y.mean(dim=1, keepdim=True)
+    xs, ys = (x - mean).reshape(b, c, -1), (y - mean).reshape(b, c, -1)
+    xs = xs / (xs.norm(dim=1, keepdim=True) + sys.float_info.epsilon)
+    ys = ys / (ys.norm(dim=1, keepdim=True) + sys.float_info.epsilon)
+    d = 1 - xs.transpose(1, 2) @ ys
+    w = torch.exp((1 - d / (d.min(dim=-1, keepdim=True).values + 1e-3)) / h)
+    a = w / w.sum(dim=-1, keepdim=True)
+    return -torch.log(a.max(dim=-1).values.mean(dim=1))
+
+
+@pytest.mark.parametrize("centring", ["channel", "pono"])
+def test_per_sample_cocosnet_loss_with_either_centring(centring):
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, 4, 4, dtype=torch.float64) + 2.0  # offset per channel: centring matters
+    y = x + 0.4 * torch.randn(3, 5, 4, 4, dtype=torch.float64) + torch.linspace(0, 3, 5).view(1, 5, 1, 1)
+    per_sample = losses.contextual_loss_per_sample(x, y, h=0.2, centring=centring)
+    assert per_sample.shape == (3,)
+    assert torch.allclose(per_sample, _cocosnet_reference(x, y, 0.2, centring), rtol=1e-10)
+    batch = losses.contextual_loss(x, y, h=0.2, mode="cocosnet", centring=centring)
+    assert batch.item() == pytest.approx(per_sample.mean().item(), rel=1e-12)
+
+
+def test_channel_centring_is_not_pono_and_unknown_centring_fails():
+    torch.manual_seed(4)
+    x, y = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3) + torch.arange(4.0).view(1, 4, 1, 1)
+    pono = losses.contextual_loss_per_sample(x, y, centring="pono")
+    channel = losses.contextual_loss_per_sample(x, y, centring="channel")
+    assert not torch.allclose(pono, channel)
+    # Channel centring removes a constant per-channel offset of Y from both maps alike.
+    shifted = losses.contextual_loss_per_sample(x + 5.0, y + 5.0, centring="channel")
+    assert torch.allclose(shifted, channel, atol=1e-5)
+    with pytest.raises(ValueError, match="centring"):
+        losses.contextual_loss(x, y, centring="spatial")

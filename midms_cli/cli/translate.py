@@ -23,7 +23,7 @@ from midms_cli.pipelines.translate import (
     sampling_settings,
     translate_pairs,
 )
-from midms_cli.sampler import REFINERS
+from midms_cli.sampler import NOISE_ORDERS, REFINERS
 
 _SAMPLER = "Sampler"
 _BATCH = "Batch mode"
@@ -113,6 +113,12 @@ def translate_command(
     seed: int = typer.Option(
         0, "--seed", help="Seed of the noise: same seed, same image.", rich_help_panel=_SAMPLER
     ),
+    # Noise order (official MIDMs random stream).
+    noise_order: str = typer.Option(
+        "midms", "--noise-order", rich_help_panel=_SAMPLER,
+        help="midms: one generator; official: torch's and numpy's streams from --seed consumed as the "
+        "official MIDMs forward consumes them (43 draws at the official settings).",
+    ),
     precision: str = typer.Option(
         "fp32",
         "--precision",
@@ -138,6 +144,8 @@ def translate_command(
         raise MidmsError(f"--variant {variant!r}: choose one of {', '.join(SAMPLING_BUNDLES)}")
     if precision not in PRECISIONS:
         raise MidmsError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if noise_order not in NOISE_ORDERS:  # noise order
+        raise MidmsError(f"--noise-order {noise_order!r}: choose one of {', '.join(NOISE_ORDERS)}")
     jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
     device = resolve_device(STATE.device)
     model_file = resolve_model_file(model)
@@ -157,6 +165,7 @@ def translate_command(
         extract=extract,
         save_steps=save_steps,
         pretrained_unet=pretrained_unet,
+        noise_order=noise_order,
     )
     with progress_bar(
         TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -169,6 +178,7 @@ def translate_command(
         "variant": sampling.variant,
         "refine": sampling.refine,
         "seed": seed,
+        "noise_order": noise_order,
         "outputs": results,
     }
     lines = "\n".join(

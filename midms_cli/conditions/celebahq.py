@@ -1,7 +1,9 @@
-"""The official CelebA-HQ 15-channel edge condition (spec 3.2, identical to CoCosNet).
+"""The official CelebA-HQ 15-channel edge condition (CoCosNet's loader, reused by MIDMs).
 
 Channels: [0] part boundaries + Canny edges outside the face parts, [1..13] per-part L1 distance
-maps to that part's boundary, [14] part boundaries only. Also readers for CelebAMask-HQ part masks.
+maps to that part's boundary, [14] part boundaries only. The Canny edges are scikit-image's
+`feature.canny` (sigma 1) of PIL's 8-bit grey picture, as the official loader computes them, by
+the exact port in `canny.skimage_canny`. Also readers for CelebAMask-HQ part masks.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midms_cli.conditions.canny import canny_edges
+from midms_cli.conditions.canny import pil_grey, skimage_canny
 from midms_cli.conditions.distance import distance_map
 from midms_cli.errors import MidmsError
 
-# Spec 3.2 step 2: the 13 parts, in channel order 1..13.
+# The 13 parts, in channel order 1..13.
 CELEBAHQ_PARTS = (
     "skin", "l_brow", "r_brow", "l_eye", "r_eye", "l_ear", "r_ear",
     "nose", "u_lip", "mouth", "l_lip", "eye_g", "hair",
@@ -26,7 +28,7 @@ HAIR = CELEBAHQ_PARTS.index("hair")
 
 
 def part_boundaries(label: torch.Tensor) -> torch.Tensor:
-    """Spec 3.2 step 4: pixels whose label differs from the right/left/down/up neighbour.
+    """Pixels whose label differs from the right/left/down/up neighbour.
 
     label: (..., H, W) any dtype. Both pixels of a differing pair are marked, so a step between two
     regions becomes a 2-pixel-wide line. Returns bool of the same shape.
@@ -42,7 +44,7 @@ def part_boundaries(label: torch.Tensor) -> torch.Tensor:
 
 
 def inner_label(part_masks: torch.Tensor) -> torch.Tensor:
-    """Spec 3.2 step 3: 1 outside the face parts (background, neck, clothes) and inside hair, else 0.
+    """1 outside the face parts (background, neck, clothes) and inside hair, else 0.
 
     The official loop sets 0 inside each part in order and hair (last) back to 1, so hair wins.
     part_masks: (B, 13, H, W) bool -> (B, 1, H, W) bool.
@@ -52,18 +54,19 @@ def inner_label(part_masks: torch.Tensor) -> torch.Tensor:
 
 
 def render_celebahq(part_masks: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-    """The 15-channel CelebA-HQ condition (spec 3.2 steps 3-7) -> (B, 15, H, W) in [0, 1].
+    """The 15-channel CelebA-HQ condition -> (B, 15, H, W) in [0, 1].
 
     part_masks: (B, 13, H, W) bool in CELEBAHQ_PARTS order (an all-False channel = missing part).
-    image: (B, 3, H, W) in [-1, 1] for the Canny channel, or None when only the part masks are
-    known (e.g. a part-label PNG): channel 0 then carries the part boundaries alone.
+    image: (B, 3, H, W) in [-1, 1] on the 8-bit grid (a decoded photo) for the Canny channel, or
+    None when only the part masks are known (e.g. a part-label PNG): channel 0 then carries the
+    part boundaries alone.
     """
     part_masks = part_masks.bool()
     boundaries = part_boundaries(part_masks)  # (B, 13, H, W): each part against its own complement
     edges = boundaries.any(dim=1, keepdim=True)  # (B, 1, H, W)
     distances = distance_map(boundaries)  # a missing part has no boundary -> all ones
     if image is not None:
-        canny = canny_edges(image).bool() & inner_label(part_masks)
+        canny = skimage_canny(pil_grey(image)).unsqueeze(1) & inner_label(part_masks)
         edges_all = edges | canny
     else:
         edges_all = edges
@@ -84,7 +87,7 @@ def celebamask_part_paths(annotation_root: str | Path, image_id: int) -> dict[st
 
 
 def load_part_masks(paths: Mapping[str, str | Path], size: int) -> torch.Tensor:
-    """Read a set of per-part binary mask PNGs into (13, size, size) bool (spec 3.2 step 2).
+    """Read a set of per-part binary mask PNGs into (13, size, size) bool.
 
     `paths` maps part names to files; absent parts stay all False. Masks are resized with nearest
     neighbour as in the official code; a pixel is inside when its grey value is above 127 (the masks

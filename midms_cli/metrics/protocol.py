@@ -19,9 +19,10 @@ import midms_cli
 from midms_cli.atomic import write_text
 from midms_cli.errors import MidmsError
 
-# 2: every model evaluation scores named methods (the model, its ablations, the copy / source / ceiling
-# baselines) over one or more noise seeds; results.json holds "methods", "sd" and "per_seed"; the part
-# colour error and SWD against the oracles join the oracle metrics.
+# 2: SWD draws the positions of each set and the directions independently (PGGAN); every model
+# evaluation scores named methods (the model, its ablations, the copy / source / ceiling baselines) over
+# one or more noise seeds; results.json holds "methods", "sd" and "per_seed"; the part colour error and
+# SWD against the oracles join the oracle metrics.
 PROTOCOL_VERSION = 2
 
 

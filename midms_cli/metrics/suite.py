@@ -22,7 +22,7 @@ from midms_cli.metrics.fid import (
 from midms_cli.metrics.lpips import DiversityAccumulator
 from midms_cli.metrics.oracle import OracleAccumulator, PartColourAccumulator
 from midms_cli.metrics.style import StyleAccumulator
-from midms_cli.metrics.swd import DescriptorSet, swd_from_sets
+from midms_cli.metrics.swd import DescriptorSet, descriptor_sets, swd_from_sets
 
 INCEPTION_SETS = ("output", "source", "exemplar")
 # SWD reference sets and the result keys they give: against the sources (the ground truth photos) and,
@@ -69,15 +69,17 @@ class MetricSuite:
                 loaded = load_statistics(entry.path, entry.key)
                 if loaded is not None:
                     self.cached[name] = loaded
-        self.swd_sets = (
-            {name: DescriptorSet(self.resolution, self.seed) for name in ("output", *SWD_REFERENCES)}
-            if "swd" in self.metrics
-            else {}
-        )
+        self.swd_sets = self._swd_sets() if "swd" in self.metrics else {}
         self.oracle = {kind: OracleAccumulator(self.part_names) for kind in ("output", "warp")}
         self.part_colour = PartColourAccumulator(self.label_names)
         self.diversity = DiversityAccumulator()
         self.style: StyleAccumulator | None = None
+
+    def _swd_sets(self) -> dict[str, DescriptorSet]:
+        """The output's descriptor set and one per reference; the references share their positions,
+        which are drawn independently of the output's (PGGAN)."""
+        real, fake = descriptor_sets(self.resolution, self.seed)
+        return {"output": fake, **{name: DescriptorSet(self.resolution, real.seed) for name in SWD_REFERENCES}}
 
     # Networks, loaded from the registry on first use unless given.
 

@@ -1,15 +1,24 @@
-"""Sliced Wasserstein Distance between image sets, PGGAN protocol (Karras et al. 2018; spec 4.2).
+"""Sliced Wasserstein Distance between image sets, PGGAN protocol (Karras et al. 2018).
 
 Each image is decomposed into a Laplacian pyramid down to 16 px; from every level 128 random 7x7x3
 neighbourhoods are drawn per image. Descriptors are normalised per colour channel over the whole
 set, then real and fake descriptors are compared along 4 x 128 random unit directions by the mean
 absolute difference of their sorted projections. Results are reported x10^3; the headline number
 is the average over levels.
+
+As in PGGAN's implementation (one random stream consumed set after set), the two sets draw their
+neighbourhood positions independently of each other, and the directions are drawn afresh for the
+comparison. Cutting both sets at the same positions would make the per-set normalisation cancel
+any global colour change exactly and would understate every distance. One `seed` fixes all three
+draws (`swd_seeds`); different seeds give different draws, whose spread `swd_over_seeds` reports.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +30,20 @@ DESCRIPTORS_PER_IMAGE = 128
 DIRECTION_REPEATS = 4
 DIRECTIONS_PER_REPEAT = 128
 MIN_RESOLUTION = 16
+
+
+class SwdSeeds(NamedTuple):
+    """Seeds of the three independent draws of one SWD evaluation."""
+
+    real: int
+    fake: int
+    directions: int
+
+
+def swd_seeds(seed: int) -> SwdSeeds:
+    """The real set's positions, the fake set's positions and the directions, from one seed."""
+    drawn = torch.randint(0, 2**62, (3,), generator=torch.Generator().manual_seed(seed))
+    return SwdSeeds(*(int(value) for value in drawn))
 
 
 def binomial_kernel() -> torch.Tensor:
@@ -124,10 +147,11 @@ def sliced_wasserstein(
 
 @dataclass
 class DescriptorSet:
-    """Accumulates SWD descriptors of one image set batch by batch (spec 4.2).
+    """Accumulates SWD descriptors of one image set batch by batch.
 
     Patch positions come from a generator seeded with `seed`, so the same images with the same
-    seed always give the same descriptors, whichever set they are compared with.
+    seed always give the same descriptors, whichever set they are compared with. The two sets of
+    one comparison must use different seeds (`swd_seeds(seed).real` and `.fake`).
     """
 
     resolution: int
@@ -176,10 +200,15 @@ def _match_sizes(
 
 
 def swd_from_sets(real: DescriptorSet, fake: DescriptorSet, seed: int = 0) -> dict[str, float]:
-    """SWD x10^3 per pyramid level (keys "swd_<res>") and their average ("swd")."""
+    """SWD x10^3 per pyramid level (keys "swd_<res>") and their average ("swd").
+
+    The directions (and the subset of a larger set) are drawn from `swd_seeds(seed).directions`.
+    """
     if real.resolutions != fake.resolutions:
         raise ValueError(f"SWD sets differ in resolution: {real.resolution} vs {fake.resolution}")
-    generator = torch.Generator().manual_seed(seed)
+    if real.seed == fake.seed:
+        raise ValueError("SWD sets were cut at the same positions (same seed); use swd_seeds(seed)")
+    generator = torch.Generator().manual_seed(swd_seeds(seed).directions)
     result = {}
     for resolution, a, b in zip(real.resolutions, real.finalised(), fake.finalised(), strict=True):
         a, b = _match_sizes(a, b, generator)
@@ -188,9 +217,35 @@ def swd_from_sets(real: DescriptorSet, fake: DescriptorSet, seed: int = 0) -> di
     return result
 
 
+def descriptor_sets(resolution: int, seed: int = 0) -> tuple[DescriptorSet, DescriptorSet]:
+    """(real, fake) descriptor sets of one comparison, with independent positions from `seed`."""
+    seeds = swd_seeds(seed)
+    return DescriptorSet(resolution, seeds.real), DescriptorSet(resolution, seeds.fake)
+
+
 def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """SWD between two in-memory image sets (B, 3, H, W) in [0, 255]; see `swd_from_sets`."""
-    real_set, fake_set = DescriptorSet(real.shape[-1], seed), DescriptorSet(fake.shape[-1], seed)
+    if real.shape[-1] != fake.shape[-1]:
+        raise ValueError(f"SWD sets differ in resolution: {real.shape[-1]} vs {fake.shape[-1]}")
+    real_set, fake_set = descriptor_sets(real.shape[-1], seed)
     real_set.add(real)
     fake_set.add(fake)
     return swd_from_sets(real_set, fake_set, seed)
+
+
+def mean_and_sd(results: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Per key the mean over several seeds' results and, as "<key>_sd", their sample standard deviation."""
+    results = list(results)
+    if not results:
+        raise ValueError("no SWD results to summarise")
+    summary = {}
+    for key in results[0]:
+        values = [result[key] for result in results]
+        summary[key] = statistics.fmean(values)
+        summary[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary
+
+
+def swd_over_seeds(real: torch.Tensor, fake: torch.Tensor, seeds: Iterable[int]) -> dict[str, float]:
+    """`sliced_wasserstein_distance` for each seed, summarised by `mean_and_sd`."""
+    return mean_and_sd(sliced_wasserstein_distance(real, fake, seed) for seed in seeds)

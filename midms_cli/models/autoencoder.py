@@ -271,8 +271,12 @@ class VQAutoencoder(nn.Module):
         z = z.float() / self.config.scale_factor
         return vector_quantize(z, self.quantize.embedding.weight.float(), self.quantize.beta)
 
-    def decode_quantized(self, z_q: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z_q.to(param_dtype(self))))
+    def decode_without_quantizing(self, h: Tensor) -> Tensor:
+        """post_quant_conv + decoder on a latent as given: no quantisation and no scale factor.
+
+        latent-diffusion's VQModel.decode(h, force_not_quantize=True); `decode` quantises first.
+        """
+        return self.decoder(self.post_quant_conv(h.to(param_dtype(self))))
 
     def decode(self, z: Tensor) -> Tensor:
         """Latent -> image: quantise (straight-through), post_quant_conv, decoder (spec 1.2).
@@ -280,12 +284,12 @@ class VQAutoencoder(nn.Module):
         Runs in the parameters' dtype; the image is returned in z's dtype.
         """
         z_q, _ = self.quantize_latent(z)
-        return self.decode_quantized(z_q).to(z.dtype)
+        return self.decode_without_quantizing(z_q).to(z.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Reconstruction and the VQ loss, for pretraining the first stage."""
         z_q, vq_loss = self.quantize_latent(self.encode(x))
-        return self.decode_quantized(z_q), {"vq": vq_loss}
+        return self.decode_without_quantizing(z_q), {"vq": vq_loss}
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from midms_cli.errors import ConfigError, MidmsError
 from midms_cli.extractors import EXTRACTORS, get_extractor
 from midms_cli.images import load_image, save_png
 from midms_cli.models.midm import MIDM, ExemplarFeatures, LoopResult
-from midms_cli.sampler import REFINERS, translate
+from midms_cli.sampler import REFINERS, OfficialNoiseOrder, translate
 
 MODEL_KIND = "midms"
 BUNDLED_MODEL = Path(midms_cli.__file__).parent / "assets" / "midms-tiny.safetensors"
@@ -344,6 +344,7 @@ class TranslateOptions:
     extract: bool = False
     save_steps: bool = False
     pretrained_unet: torch.nn.Module | None = None
+    noise_order: str = "midms"  # "official": the official forward's random stream from `seed`
 
 
 def steps_path(output: Path) -> Path:
@@ -404,4 +405,5 @@ def _translate_one(
         generator=generator,
         pretrained_unet=options.pretrained_unet,
         capture=options.save_steps,
+        noise=OfficialNoiseOrder(options.seed) if options.noise_order == "official" else None,
     )

@@ -1,9 +1,10 @@
-"""celebahq: CelebAMask-HQ photos and part masks -> the CelebA-HQ edge condition (spec 3.2).
+"""celebahq: CelebAMask-HQ photos and part masks -> the CelebA-HQ edge condition.
 
 Layout under --source: `CelebA-HQ-img/{id}.jpg` and
 `CelebAMask-HQ-mask-anno/{id // 2000}/{id:05d}_{part}.png`.
-Variant `official` renders the 15-channel recipe from the part masks and the photo; `canny` takes
-plain Canny edges of the photo (no masks needed). CoCosNet `train.txt` / `val.txt` and
+Variant `official` renders the 15-channel recipe from the part masks and the photo (its Canny
+channel identical to scikit-image's, as the official loader's); `canny` takes plain Canny edges of
+the photo with the faster kornia detector (no masks needed). CoCosNet `train.txt` / `val.txt` and
 `celebahq_ref.txt` are used when given (options --train-list, --val-list, --ref-list).
 """
 
@@ -34,8 +35,8 @@ MASKS = "CelebAMask-HQ-mask-anno"
 class CelebAHQ(FolderDataset):
     name = "celebahq"
     description = "CelebAMask-HQ photos + part masks; condition: official 15-channel edge recipe or canny"
-    version = "1"
-    resize = "bilinear"  # spec 3.2 step 1
+    version = "2"  # 2: the official variant's Canny channel is scikit-image's (exact port)
+    resize = "bilinear"  # as the official loader resizes the photo
     options = (
         PluginOption("variant", str, "official", "official 15-channel recipe (part masks) or canny",
                      choices=("official", "canny")),
@@ -68,7 +69,7 @@ class CelebAHQ(FolderDataset):
         if not paths:
             expected = source / MASKS / str(image_id // 2000) / f"{image_id:05d}_{CELEBAHQ_PARTS[0]}.png"
             raise MidmsError(f"no part masks for {item}: expected files like {expected}")
-        masks = load_part_masks(paths, size)  # (13, S, S) bool, nearest resize (spec 3.2 step 2)
+        masks = load_part_masks(paths, size)  # (13, S, S) bool, nearest resize as the official loader
         cond = render_celebahq(masks.unsqueeze(0), image.unsqueeze(0))[0]
         return cond, {"masks": str(source / MASKS / str(image_id // 2000))}
 

@@ -1,10 +1,11 @@
-"""deepfashion: DeepFashion In-shop photos + OpenPose keypoints -> the pose condition (spec 3.3).
+"""deepfashion: DeepFashion In-shop photos + OpenPose keypoints -> the pose condition.
 
 Layout under --source (CoCosNet's): photos under `img/` (e.g. `img/MEN/Denim/id_00000080/01_1_front.jpg`)
 and keypoints under `pose/` with the same relative path: `pose/.../01_1_front_candidate.txt` +
 `_subset.txt` (pytorch-openpose text files) or `pose/.../01_1_front_keypoints.json` (OpenPose JSON).
-Keypoints are scaled from the photo's pixel size to --size. Pairing follows spec 3.1 for
-DeepFashion: easy = last entry of the reference line, hard = a random training image.
+The condition is drawn as the official loader draws it: at the photo's own pixel size, then resized
+to --size (stick figure nearest, distance maps bilinear). Pairing as the official DeepFashion
+loader: easy = last entry of the reference line, hard = a random training image.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import torch
 from PIL import Image
 
 from midms_cli.conditions import CONDITIONS, ConditionSpec
-from midms_cli.conditions.pose import read_openpose_candidate_subset, read_openpose_json, render_pose
+from midms_cli.conditions.pose import (
+    read_openpose_candidate_subset,
+    read_openpose_json,
+    render_pose_at_photo_size,
+)
 from midms_cli.data.plugin import PluginOption
 from midms_cli.data.sources import COMMON_OPTIONS, FolderDataset, list_photos
 from midms_cli.errors import MidmsError
@@ -41,14 +46,14 @@ def keypoint_files(source: Path, item: str) -> dict[str, Path]:
 class DeepFashion(FolderDataset):
     name = "deepfashion"
     description = "DeepFashion In-shop + OpenPose keypoints; condition: 18-keypoint stick figure + limb maps"
-    version = "1"
-    easy = "last"  # spec 3.1: DeepFashion's easy reference is the last entry of its line
+    version = "2"  # 2: conditions drawn with OpenCV at the photo size, as the official loader
+    easy = "last"  # the official loader: the easy reference is the last entry of its line
     hard = "random"  # and its hard reference a random training image
     options = COMMON_OPTIONS + (
         PluginOption("extract", bool, False, "photos without pose files: estimate keypoints with OpenPose "
                      "(needs `midms weights add openpose-body FILE`)"),
     )
-    extractor_kind = "openpose"  # OpenPose on the photo at --size, drawn by the spec 3.3 renderer
+    extractor_kind = "openpose"  # OpenPose on the photo at --size, drawn by render_pose
 
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         return CONDITIONS["openpose"]
@@ -76,11 +81,8 @@ class DeepFashion(FolderDataset):
         else:
             keypoints = read_openpose_candidate_subset(files["candidate"], files["subset"])
         with Image.open(self.photo_path(source, item)) as handle:  # header only: the original pixel size
-            width, height = handle.size
-        present = keypoints[:, 2] >= 0
-        scale = torch.tensor([size / width, size / height])
-        keypoints[present, :2] = keypoints[present, :2] * scale
-        cond = render_pose(keypoints.unsqueeze(0), size)[0]
+            photo_size = handle.size
+        cond = render_pose_at_photo_size(keypoints, photo_size, size)
         return cond, {name: str(path) for name, path in files.items()}
 
 

@@ -64,7 +64,7 @@ def test_folders_without_weights_run_swd_and_skip_the_rest_with_one_line_each(fo
     skipped = [line for line in err.splitlines() if line.startswith("skipping")]
     assert len(skipped) == 2 and all("midms weights add inception-fid FILE" in line for line in skipped)
     protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
-    assert protocol["protocol_version"] == 1 and protocol["real_count"] == 4 and protocol["size"] == 32
+    assert protocol["protocol_version"] == 2 and protocol["real_count"] == 4 and protocol["size"] == 32
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == result["results"]
 
 

@@ -52,7 +52,7 @@ def test_pair_list_round_trip_and_errors():
 
 def test_protocol_record_carries_versions():
     record = protocol_record(size=64)
-    assert record["protocol_version"] == PROTOCOL_VERSION == 1 and record["size"] == 64
+    assert record["protocol_version"] == PROTOCOL_VERSION == 2 and record["size"] == 64
     assert "package_version" in record
 
 

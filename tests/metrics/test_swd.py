@@ -9,8 +9,10 @@ import torch
 from midms_cli.metrics.swd import (
     DescriptorSet,
     binomial_kernel,
+    descriptor_sets,
     extract_descriptors,
     laplacian_pyramid,
+    mean_and_sd,
     normalise_descriptors,
     pyramid_down,
     pyramid_levels,
@@ -18,6 +20,9 @@ from midms_cli.metrics.swd import (
     sample_patch_centres,
     sliced_wasserstein,
     sliced_wasserstein_distance,
+    swd_from_sets,
+    swd_over_seeds,
+    swd_seeds,
 )
 
 KERNEL = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256.0
@@ -120,12 +125,48 @@ def test_sliced_wasserstein_of_shifted_one_dimensional_sets_is_the_shift():
     assert value == pytest.approx(0.25, abs=1e-9)
 
 
-def test_identical_sets_give_zero():
-    torch.manual_seed(0)
-    images = torch.rand(4, 3, 64, 64) * 255
-    result = sliced_wasserstein_distance(images, images.clone(), seed=3)
-    assert set(result) == {"swd_64", "swd_32", "swd_16", "swd"}
-    assert all(value == 0.0 for value in result.values())
+def _structured_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random colour fields plus pixel noise, on the 8-bit grid (float)."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(count, 3, size // 8, size // 8, generator=generator) * 255
+    smooth = torch.nn.functional.interpolate(low, scale_factor=8, mode="bicubic", align_corners=False)
+    return (smooth + 20 * torch.randn(smooth.shape, generator=generator)).round().clamp(0, 255)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    taps = torch.exp(-0.5 * (torch.arange(-4, 5, dtype=torch.float32) / sigma) ** 2)
+    taps = (taps / taps.sum()).view(1, 1, 1, 9).expand(3, 1, 1, 9)
+    padded = torch.nn.functional.pad(images, (4, 4, 0, 0), mode="reflect")
+    rows = torch.nn.functional.conv2d(padded, taps, groups=3)
+    padded = torch.nn.functional.pad(rows, (0, 0, 4, 4), mode="reflect")
+    return torch.nn.functional.conv2d(padded, taps.transpose(2, 3), groups=3).round().clamp(0, 255)
+
+
+def test_identical_descriptors_give_zero_and_the_sets_of_one_comparison_are_cut_independently():
+    a = torch.randn(64, 147, generator=torch.Generator().manual_seed(0))
+    assert sliced_wasserstein(a, a.clone(), torch.Generator().manual_seed(1)) == 0.0
+    real, fake = descriptor_sets(32, seed=5)
+    assert real.seed != fake.seed and swd_seeds(5) != swd_seeds(6)
+    images = _structured_images(4, 32)
+    real.add(images)
+    fake.add(images.clone())
+    assert not torch.equal(real.finalised()[0], fake.finalised()[0])
+    # The same images in both sets still differ by the sampling of positions (as in PGGAN).
+    assert sliced_wasserstein_distance(images, images.clone(), seed=3)["swd"] > 1.0
+    with pytest.raises(ValueError, match="same positions"):
+        swd_from_sets(DescriptorSet(32, seed=1), DescriptorSet(32, seed=1))
+
+
+def test_a_colour_shift_scores_clearly_above_zero_and_blur_above_shift_at_the_finest_level():
+    images = _structured_images(16, 64)
+    shift = (images + torch.tensor([30.0, 0.0, -20.0]).view(1, 3, 1, 1)).clamp(0, 255)
+    shifted = sliced_wasserstein_distance(images, shift, seed=0)
+    blurred = sliced_wasserstein_distance(images, _gaussian_blur(images), seed=0)
+    assert set(shifted) == {"swd_64", "swd_32", "swd_16", "swd"}
+    # Cut at identical positions, per-set normalisation made a pure shift score exactly 0.
+    assert all(value > 10.0 for value in shifted.values())
+    assert blurred["swd_64"] > 2 * shifted["swd_64"]
+    assert blurred["swd"] > shifted["swd"]
 
 
 def test_more_blur_gives_larger_swd():
@@ -134,7 +175,7 @@ def test_more_blur_gives_larger_swd():
     values, blurred = [], images
     for _ in range(3):
         blurred = torch.nn.functional.avg_pool2d(blurred, 3, stride=1, padding=1, count_include_pad=False)
-        values.append(sliced_wasserstein_distance(images, blurred, seed=0)["swd"])
+        values.append(sliced_wasserstein_distance(images, blurred, seed=0)["swd_32"])
     assert values[0] > 0 and values == sorted(values) and values[0] < values[-1]
 
 
@@ -142,10 +183,24 @@ def test_results_are_seeded_and_batching_does_not_matter_for_sizes():
     torch.manual_seed(0)
     real, fake = torch.rand(4, 3, 32, 32) * 255, torch.rand(4, 3, 32, 32) * 255
     assert sliced_wasserstein_distance(real, fake, seed=1) == sliced_wasserstein_distance(real, fake, seed=1)
+    assert sliced_wasserstein_distance(real, fake, seed=1) != sliced_wasserstein_distance(real, fake, seed=2)
     streamed = DescriptorSet(32, seed=1)
     streamed.add(real[:2])
     streamed.add(real[2:])
     assert streamed.count == 4 and streamed.finalised()[0].shape == (4 * 128, 147)
+
+
+def test_mean_and_sd_over_seeds():
+    summary = mean_and_sd(
+        [{"swd": 1.0, "swd_16": 4.0}, {"swd": 3.0, "swd_16": 4.0}, {"swd": 8.0, "swd_16": 4.0}]
+    )
+    assert summary["swd"] == pytest.approx(4.0) and summary["swd_16"] == pytest.approx(4.0)
+    assert summary["swd_sd"] == pytest.approx(((9 + 1 + 16) / 2) ** 0.5) and summary["swd_16_sd"] == 0.0
+    torch.manual_seed(0)
+    real, fake = torch.rand(4, 3, 16, 16) * 255, torch.rand(4, 3, 16, 16) * 255
+    over = swd_over_seeds(real, fake, [0, 1, 2])
+    single = [sliced_wasserstein_distance(real, fake, seed)["swd"] for seed in (0, 1, 2)]
+    assert over["swd"] == pytest.approx(sum(single) / 3) and over["swd_sd"] > 0
 
 
 def test_images_below_the_last_pyramid_level_are_a_user_error():

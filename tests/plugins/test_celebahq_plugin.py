@@ -128,3 +128,32 @@ def test_wrong_source_folder_is_a_clear_error(tmp_path):
     with pytest.raises(MidmsError, match="CelebA-HQ-img.*not found"):
         run(tmp_path, tmp_path / "out")
     assert CELEBAHQ_PARTS[0] == "skin"
+
+
+def test_channel_zero_is_the_official_loaders_on_the_files(tmp_path):
+    """The official loader's channel 0 recomputed from the files with PIL and scikit-image."""
+    from skimage import feature
+
+    source = tmp_path / "CelebAMask-HQ"
+    write_celebamask(source)
+    run(source, tmp_path / "out", hard_probability=0.0, self_probability=0.0)
+    samples = {s["meta"]["id"]: s for s in iterate_samples(tmp_path / "out", "train")}
+    for image_id in (0, 1, 2):
+        photo = Image.open(source / "CelebA-HQ-img" / f"{image_id}.jpg").resize((SIZE, SIZE), Image.BILINEAR)
+        inner = np.ones((SIZE, SIZE), np.uint8)
+        edges = np.zeros((SIZE, SIZE), bool)
+        for part in CELEBAHQ_PARTS:
+            path = source / "CelebAMask-HQ-mask-anno" / "0" / f"{image_id:05d}_{part}.png"
+            if not path.exists():
+                continue
+            label = np.array(Image.open(path).convert("L").resize((SIZE, SIZE), Image.NEAREST))
+            inner[label == 255] = 1 if part == "hair" else 0
+            step_x, step_y = label[:, 1:] != label[:, :-1], label[1:, :] != label[:-1, :]
+            edges[:, 1:] |= step_x
+            edges[:, :-1] |= step_x
+            edges[1:, :] |= step_y
+            edges[:-1, :] |= step_y
+        canny = feature.canny(np.array(photo.convert("L"))) & (inner == 1)
+        sample = samples[f"{image_id}.jpg"]
+        assert canny.any()
+        assert np.array_equal(sample["cond"][0].numpy() > 0.5, edges | canny)

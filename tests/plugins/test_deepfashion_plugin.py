@@ -10,7 +10,7 @@ import torch
 from midms_plugins.deepfashion import PLUGIN
 from PIL import Image
 
-from midms_cli.conditions.pose import render_pose
+from midms_cli.conditions.pose import render_pose_at_photo_size
 from midms_cli.data.shards import iterate_samples
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.prepare import PrepareConfig, prepare
@@ -59,15 +59,14 @@ def run(source, out, **options):
     return prepare(config, PLUGIN)
 
 
-def test_pose_condition_from_text_and_json_keypoints_scaled_to_size(tmp_path):
+def test_pose_condition_from_text_and_json_keypoints_drawn_at_the_photo_size(tmp_path):
     write_deepfashion(tmp_path / "df")
     run(tmp_path / "df", tmp_path / "out", hard_probability=0.0, self_probability=0.0)
     samples = {s["meta"]["id"]: s for s in iterate_samples(tmp_path / "out", "train")}
     assert sorted(samples) == sorted(ITEMS)
     for k, item in enumerate(ITEMS):
-        points = torch.tensor(keypoints_for(k), dtype=torch.float32)
-        points[points[:, 2] >= 0, :2] *= SIZE / 32
-        expected = render_pose(points[None], SIZE)[0]
+        # Drawn on the 32 px photo's own grid, then resized (the official loader's route).
+        expected = render_pose_at_photo_size(torch.tensor(keypoints_for(k)), (32, 32), SIZE)
         assert samples[item]["cond"].shape == (20, SIZE, SIZE)
         assert torch.allclose(samples[item]["cond"], expected, atol=0.5 / 255)
         # Spec 3.1, DeepFashion: the easy reference is the LAST entry of the line.
