@@ -71,7 +71,8 @@ def test_image_space_route_for_small_sets_matches_covariance_route():
     b = torch.randn(30, 64, generator=generator, dtype=torch.float64) + 0.2
     via_covariances = frechet_distance(*feature_statistics(a), *feature_statistics(b))
     assert fid_from_features(a, b) == pytest.approx(via_covariances, rel=1e-6)
-    assert fid_from_features(a, b) == fid_from_features(b, a)
+    # Symmetric up to rounding: the summation order of the two routes depends on the thread count.
+    assert fid_from_features(a, b) == pytest.approx(fid_from_features(b, a), rel=1e-9)
     assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
