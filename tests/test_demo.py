@@ -155,7 +155,7 @@ def test_labelled_grid_places_tiles_under_their_captions():
     for row in range(2):
         top = CAPTION_HEIGHT + GAP + row * (6 + GAP)
         values = [grid[:, top:top + 6, left(c):left(c) + 6] for c in range(3)]
-        assert [v.unique().tolist() for v in values] == [[-1.0], [pytest.approx(1 / 127.5)], [1.0]]
+        assert [v.unique().tolist() for v in values] == [[-1.0], [pytest.approx(128 / 127.5 - 1, abs=1e-6)], [1.0]]
     with pytest.raises(ValueError, match="one tile per caption"):
         labelled_grid([[tiles[0][0]]], ("a", "b"))
 
