@@ -111,4 +111,4 @@ def test_cli_rejects_an_unknown_precision_in_one_line(capsys):
         main(["translate", "a.png", "b.png", "--precision", "fp8"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--precision 'fp8': choose one of fp32, bf16" in err
+    assert len(err.splitlines()) == 1 and "--precision 'fp8': choose one of fp32, fp32-cl, bf16" in err

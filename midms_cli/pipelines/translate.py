@@ -113,9 +113,8 @@ def load_pretrained_unet(path: str | os.PathLike, model: MIDM, device: torch.dev
             f"{path}: its UNet does not match the model's UNet architecture; "
             "use the LDM the model was fine-tuned from"
         )
-    # The refiner runs at the precision of the model's own UNet.
-    dtype = next(model.unet.parameters()).dtype
-    return modules["unet"].to(device).eval().to(dtype=dtype, memory_format=torch.channels_last)
+    # The refiner runs at the precision (dtype and layout) of the model's own UNet.
+    return model.prepare_unet(modules["unet"].to(device).eval())
 
 
 # --------------------------------------------------------------------------------------------
