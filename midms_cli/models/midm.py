@@ -209,6 +209,15 @@ class MIDM(nn.Module):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         return unet.to(dtype=dtype, memory_format=precision_layout(self.precision))
 
+    def set_activation_checkpointing(self, enabled: bool) -> MIDM:
+        """Recompute activations in the backward pass instead of storing them: each UNet block of
+        the unrolled loop and each block of the frozen decoder at full image size (same gradients).
+        At paper scale, batch 1, these are the two largest stores of an end-to-end step
+        (benchmarks/bench_train.py)."""
+        self.unet.activation_checkpointing = enabled
+        self.first_stage.decoder.activation_checkpointing = enabled
+        return self
+
     def modules_to_save(self) -> dict[str, nn.Module]:
         """Prefix -> submodule, the layout of a model file (kind "midms")."""
         return {"first_stage": self.first_stage, "unet": self.unet, "correspondence": self.correspondence}
