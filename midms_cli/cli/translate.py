@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
+from midms_cli import distributed
 from midms_cli.cli.state import STATE, emit, progress_bar
 from midms_cli.config import SAMPLING_BUNDLES
 from midms_cli.devices import resolve_device
@@ -23,6 +24,7 @@ from midms_cli.pipelines.translate import (
     sampling_settings,
     translate_pairs,
 )
+from midms_cli.pipelines.translate_parallel import rank_device, translate_pairs_data_parallel
 from midms_cli.sampler import REFINERS
 
 _SAMPLER = "Sampler"
@@ -139,7 +141,9 @@ def translate_command(
     if precision not in PRECISIONS:
         raise MidmsError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
-    device = resolve_device(STATE.device)
+    # Under torchrun (WORLD_SIZE > 1) each process translates its share of the jobs.
+    parallel = distributed.init()
+    device = rank_device(STATE.device) if parallel else resolve_device(STATE.device)
     model_file = resolve_model_file(model)
     midm = load_midm(model_file, device, precision)
     sampling = sampling_settings(midm, variant=variant, steps=steps, noise_level=noise_level, refine=refine)
@@ -158,12 +162,18 @@ def translate_command(
         save_steps=save_steps,
         pretrained_unet=pretrained_unet,
     )
-    with progress_bar(
-        TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        transient=True, disable=len(jobs) == 1,
-    ) as bar:
-        task = bar.add_task("translate", total=len(jobs))
-        results = translate_pairs(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
+    run = translate_pairs_data_parallel if parallel else translate_pairs
+    try:
+        with progress_bar(
+            TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            transient=True, disable=len(jobs) == 1 or not distributed.is_main(),
+        ) as bar:
+            task = bar.add_task("translate", total=len(distributed.rank_share(len(jobs))))
+            results = run(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
+    finally:
+        distributed.cleanup()
+    if results is None:  # another process of a data-parallel run reports
+        return
     summary = {
         "model": str(model_file),
         "variant": sampling.variant,
