@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = ("fp32", "fp32-cl", "bf16", "bf16-all")
@@ -87,10 +88,28 @@ def matmul_throughput(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5
     return 2 * size**3 / best
 
 
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                                       out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels only; the fused CPU kernel (what
+# scaled_dot_product_attention runs here) would count as zero FLOPs.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flop,
+}
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """(fn(), the FLOPs torch's flop counter attributes to it: 2 per multiply-add of convs,
-    matmuls and attention; elementwise work is not counted, so the bound is optimistic)."""
-    with FlopCounterMode(display=False) as counter:
+    matmuls and attention, the CPU's fused attention kernel included; elementwise work is not
+    counted, so the bound is optimistic)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         result = fn()
     return result, int(counter.get_total_flops())
 

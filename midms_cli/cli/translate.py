@@ -119,7 +119,8 @@ def translate_command(
         "fp32",
         "--precision",
         help=f"Network precision: {', '.join(PRECISIONS)}. bf16 runs the UNet in bfloat16 (faster on GPUs "
-        "and CPUs with AMX / AVX-512 BF16; output within ~0.02/255 of fp32, benchmarks/README.md).",
+        "and CPUs with AMX / AVX-512 BF16; output within ~0.02/255 of fp32, benchmarks/README.md); "
+        "fp32-cl is float32 in channels-last layout (other rounding than fp32).",
         rich_help_panel=_SAMPLER,
     ),
     save_steps: bool = typer.Option(
