@@ -5,7 +5,8 @@ holds the weights twice at its peak, three times counting the pages of a memory-
 which is what a process's peak resident set records. Here the model is built on the meta device
 (no storage), every entry is read with ordinary file reads into a fresh tensor already in the
 dtype it will compute in (the UNet in bfloat16 for precision "bf16", everything else float32,
-whatever the file stores), and the tensors become the parameters (`load_state_dict(assign=True)`).
+whatever the file stores) and memory layout, and the tensors become the parameters
+(`load_state_dict(assign=True)`).
 The arithmetic is unchanged: the same values reach the same parameters as with `load_modules`.
 """
 
@@ -22,7 +23,7 @@ from midms_cli.checkpoint import _read_header
 from midms_cli.config import ModelConfig
 from midms_cli.diffusion.schedule import NoiseSchedule
 from midms_cli.errors import MidmsError
-from midms_cli.models.midm import MIDM
+from midms_cli.models.midm import MIDM, precision_layout
 
 # safetensors dtype names -> torch dtypes (the ones torch can hold).
 TORCH_DTYPES = {
@@ -30,6 +31,10 @@ TORCH_DTYPES = {
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
     "F64": torch.float64,
 }
+
+
+# The submodules set_precision lays out (channels-last except at "fp32").
+LAID_OUT = ("first_stage", "unet")
 
 
 def compute_dtypes(precision: str) -> dict[str, torch.dtype]:
@@ -52,7 +57,14 @@ def read_entry(handle, data_start: int, entry: Mapping) -> torch.Tensor:
 
 
 def _module_state(
-    path: Path, prefix: str, module: nn.Module, header: Mapping, handle, data_start: int, dtype: torch.dtype
+    path: Path,
+    prefix: str,
+    module: nn.Module,
+    header: Mapping,
+    handle,
+    data_start: int,
+    dtype: torch.dtype,
+    layout: torch.memory_format,
 ) -> dict[str, torch.Tensor]:
     """The file's entries under "<prefix>." read in the module's compute dtype, checked against the module."""
     expected = module.state_dict()
@@ -81,7 +93,11 @@ def _module_state(
             raise mismatch(f"{name} is stored as {entry['dtype']}, which this torch cannot hold")
         tensor = read_entry(handle, data_start, entry)
         wanted = dtype if target.is_floating_point() else target.dtype
-        state[name] = tensor.to(wanted)  # a no-op when the file already stores this dtype
+        tensor = tensor.to(wanted)  # a no-op when the file already stores this dtype
+        if tensor.dim() == 4 and layout != torch.contiguous_format:
+            # Laid out now, so that set_precision finds it in place: no second copy of the weights.
+            tensor = tensor.contiguous(memory_format=layout)
+        state[name] = tensor
     return state
 
 
@@ -108,7 +124,8 @@ def midm_from_file(
         (header_len,) = struct.unpack("<Q", handle.read(8))
         data_start = 8 + header_len
         for prefix, module in model.modules_to_save().items():
-            state = _module_state(path, prefix, module, header, handle, data_start, dtypes[prefix])
+            layout = precision_layout(precision) if prefix in LAID_OUT else torch.contiguous_format
+            state = _module_state(path, prefix, module, header, handle, data_start, dtypes[prefix], layout)
             module.load_state_dict(state, strict=True, assign=True)
             del state
     _restore_unsaved_buffers(model)

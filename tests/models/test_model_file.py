@@ -77,3 +77,17 @@ def test_a_file_for_another_config_is_refused_by_name(saved, tmp_path):
     save_checkpoint(extra, tensors, {"config": model.config.to_dict()}, "midms")
     with pytest.raises(MidmsError, match=r"unexpected key\(s\) in state_dict: surplus"):
         midm_from_file(extra, model.config)
+
+
+def test_channels_last_precisions_are_laid_out_while_reading(saved, monkeypatch):
+    """set_precision then finds every weight in place: Module.to makes no copy of any of them."""
+    root, model = saved
+    loaded = midm_from_file(root / "fp32.safetensors", model.config, precision="fp32-cl")
+    for network in (loaded.unet, loaded.first_stage):
+        pointers = {name: p.data_ptr() for name, p in network.named_parameters()}
+        loaded.set_precision("fp32-cl")
+        assert pointers == {name: p.data_ptr() for name, p in network.named_parameters()}
+        weights = [p for p in network.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    for name, tensor in loaded.named_parameters():
+        assert torch.equal(tensor, dict(model.named_parameters())[name]), name
