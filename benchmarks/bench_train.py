@@ -170,6 +170,8 @@ def main() -> None:
                                   "--batch", str(args.batch), "--steps", str(args.steps),
                                   "--threads", str(args.threads), "--settings", setting]))
         results[-1]["load_average_after"] = os.getloadavg()[0]
+        print(f"  {setting}: {results[-1]['seconds_per_step']:.1f} s/step, "
+              f"{results[-1]['peak_memory_mb']:.0f} MiB peak", flush=True)  # kept if a later setting fails
     baseline = results[0]
     for result in results:
         result["time_vs_first"] = result["seconds_per_step"] / baseline["seconds_per_step"]
