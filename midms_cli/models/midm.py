@@ -213,7 +213,9 @@ class MIDM(nn.Module):
         """Recompute activations in the backward pass instead of storing them: each UNet block of
         the unrolled loop and each block of the frozen decoder at full image size (same gradients).
         At paper scale, batch 1, these are the two largest stores of an end-to-end step
-        (benchmarks/bench_train.py)."""
+        (benchmarks/bench_train.py). The re-warps are not recomputed: their spectrally normalised
+        convolutions take a power-iteration step in every training forward, so a recomputation
+        would update the normalisation twice and differentiate another weight."""
         self.unet.activation_checkpointing = enabled
         self.first_stage.decoder.activation_checkpointing = enabled
         return self
