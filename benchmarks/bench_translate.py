@@ -149,13 +149,14 @@ def official_emulated(result: dict) -> float:
 
 
 def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
-    """The user's path: write a random-weight float32 model file of the preset, then run `midms
+    """The user's path: a model file (`--model`, or a random-weight float32 one of the preset), then run `midms
     translate --precision P` on one condition/exemplar pair in a subprocess per precision; wall time
     (CLI start-up, loading, translation, writing) and that child's own peak RSS (wait4's rusage)."""
     import subprocess
 
+    from midms_cli.checkpoint import read_metadata
     from midms_cli.conditions.io import save_condition
-    from midms_cli.config import preset
+    from midms_cli.config import ModelConfig, preset
     from midms_cli.images import save_png
     from midms_cli.models.midm import MIDM
     from midms_cli.pipelines.translate import save_midm
@@ -163,19 +164,24 @@ def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        torch.manual_seed(0)
-        model = randomize_zero_init(MIDM(preset(args.preset)).eval())
-        save_midm(folder / "model.safetensors", model)
-        condition, exemplar, exemplar_condition = build_inputs(model.config, 1, seed=1)
-        del model
+        model_file = Path(args.model) if args.model else folder / "model.safetensors"
+        if args.model:
+            config = ModelConfig.from_dict(read_metadata(model_file)["config"])
+        else:
+            torch.manual_seed(0)
+            model = randomize_zero_init(MIDM(preset(args.preset)).eval())
+            save_midm(model_file, model)
+            config = model.config
+            del model
+        condition, exemplar, exemplar_condition = build_inputs(config, 1, seed=1)
         save_condition(condition[0], folder / "cond.npy")
         save_png(exemplar[0], folder / "ref.png")
         save_condition(exemplar_condition[0], folder / "ref_cond.npy")
-        file_mb = (folder / "model.safetensors").stat().st_size / 2**20
+        file_mb = model_file.stat().st_size / 2**20
         for precision in precisions:
             command = [sys.executable, "-m", "midms_cli", "translate", str(folder / "cond.npy"),
                        str(folder / "ref.png"), "--ref-cond", str(folder / "ref_cond.npy"),
-                       "-o", str(folder / f"out-{precision}.png"), "--model", str(folder / "model.safetensors"),
+                       "-o", str(folder / f"out-{precision}.png"), "--model", str(model_file),
                        "--precision", precision, *args.cli_args.split()]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             start = time.perf_counter()
@@ -241,6 +247,8 @@ def main() -> None:
     parser.add_argument("--cli", action="store_true",
                         help="instead: run `midms translate --precision P` from a model file per precision "
                              "and report its peak RSS")
+    parser.add_argument("--model", default=None,
+                        help="with --cli: this model file instead of a random-weight one of the preset")
     parser.add_argument("--cli-args", default="", help="extra arguments for `midms translate` with --cli")
     parser.add_argument("--paired", action="store_true",
                         help="instead: time all precisions alternately in one process (robust ratios)")
@@ -259,7 +267,7 @@ def main() -> None:
     if args.cli:
         precisions = [p for p in args.precisions.split(",") if p]
         results = cli_run(args, precisions)
-        print(f"preset {args.preset}: `midms translate` from a float32 model file of "
+        print(f"preset {args.preset}: `midms translate` from a model file of "
               f"{results[0]['model_file_mb']:.0f} MiB, load avg {os.getloadavg()[0]:.1f} after")
         print(format_table(results, ["precision", "seconds", "peak_rss_mb", "target_mb"]))
         print("(seconds: CLI start-up, loading, translation and writing, under the load printed)")
