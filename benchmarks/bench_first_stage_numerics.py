@@ -15,7 +15,7 @@ Each error is |z_float32 - z_float64| of the same module run in float64 (midms's
 is checked against the original's float64 encoder too when both are present: they must agree to
 float64 rounding). Accuracy does not depend on machine load, so these numbers are stable.
 
-    python benchmarks/bench_first_stage_numerics.py --preset paper-celebahq --original /path/to/latent-diffusion
+    python benchmarks/bench_first_stage_numerics.py --preset paper-celebahq --original LATENT_DIFFUSION_DIR
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def main() -> None:
     cfg = config.autoencoder
     model = MIDM(config).eval()
     size = config.image_size
-    images = torch.rand(args.images, 3, size, size, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(args.images, 3, size, size, generator=generator) * 2 - 1
 
     def midms_encode(precision: str, dtype: torch.dtype) -> torch.Tensor:
         midm = copy.deepcopy(model)
@@ -149,7 +150,8 @@ def main() -> None:
           f"{float(exact.pow(2).mean().sqrt()):.3g}; torch {info['torch']}, {info['cpu_capability']}")
     print(format_table(rows, ["path", "mean_abs_error", "max_abs_error", "relative_rms_error"]))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "preset": args.preset, "results": results}, indent=2))
+        report = {"machine": info, "preset": args.preset, "results": results}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

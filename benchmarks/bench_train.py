@@ -98,7 +98,8 @@ def child(args: argparse.Namespace) -> dict:
     objective = MIDMsObjective(model, feature_net, args.phase).to(device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, training, args.phase), betas=training.betas,
                                   weight_decay=training.weight_decay)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(config, batch_size).items()}
+    batch = synthetic_batch(config, batch_size)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     def step() -> float:
@@ -179,9 +180,9 @@ def main() -> None:
     print(format_table(results, ["setting", "batch", "seconds_per_step", "samples_per_second",
                                  "peak_memory_mb", "time_vs_first", "memory_vs_first", "load_average_after"]))
     rate_after = matmul_throughput(torch.float32) / 1e9
+    loaded = "; times not comparable: rate below 300 GFLOP/s (machine loaded)"
     print(f"\nfp32 matmul {rate_before:.0f} GFLOP/s before, {rate_after:.0f} after; load avg "
-          f"{os.getloadavg()[0]:.1f} after" + ("; times not comparable: rate below 300 GFLOP/s (machine loaded)"
-                                              if min(rate_before, rate_after) < 300 else ""))
+          f"{os.getloadavg()[0]:.1f} after" + (loaded if min(rate_before, rate_after) < 300 else ""))
     print(f"peak memory: {baseline['memory_measure']}; feature net {baseline['feature_net']}; "
           f"*_vs_first: ratio to setting {baseline['setting']} in this run")
     if args.json:

@@ -149,9 +149,10 @@ def official_emulated(result: dict) -> float:
 
 
 def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
-    """The user's path: a model file (`--model`, or a random-weight float32 one of the preset), then run `midms
-    translate --precision P` on one condition/exemplar pair in a subprocess per precision; wall time
-    (CLI start-up, loading, translation, writing) and that child's own peak RSS (wait4's rusage)."""
+    """The user's path: a model file (`--model`, or a random-weight float32 one of the preset), then
+    run `midms translate --precision P` on one condition/exemplar pair in a subprocess per
+    precision; wall time (CLI start-up, loading, translation, writing) and that child's own peak
+    RSS (wait4's rusage)."""
     import subprocess
 
     from midms_cli.checkpoint import read_metadata
@@ -185,7 +186,8 @@ def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
                        "--precision", precision, *args.cli_args.split()]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             start = time.perf_counter()
-            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    env=env)
             stderr = proc.stderr.read()
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)

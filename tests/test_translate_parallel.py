@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_translate import SIZE, micro_config  # the same micro model as the one-process tests
 
 from midms_cli import distributed
 from midms_cli.models.midm import MIDM
 from midms_cli.pipelines.translate import save_midm
-from test_translate import SIZE, micro_config  # the same micro model as the one-process tests
 
 
 @pytest.mark.parametrize("count, world", [(0, 2), (1, 2), (5, 2), (7, 3), (4, 4), (3, 5)])
@@ -48,8 +48,9 @@ def _inputs(root):
 
 def _translate(root, out_dir, processes):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = [*launcher, "-m", "midms_cli", "--json", "translate", "--pairs", str(root / "pairs.txt"),
                "--out-dir", str(out_dir), "--model", str(root / "model.safetensors"), "--seed", "3"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -87,7 +87,8 @@ def _module_state(
         entry = stored[name]
         if tuple(entry["shape"]) != tuple(target.shape):
             raise mismatch(
-                f"size mismatch for {name}: the file has {list(entry['shape'])}, the model {list(target.shape)}"
+                f"size mismatch for {name}: the file has {list(entry['shape'])}, "
+                f"the model {list(target.shape)}"
             )
         if entry["dtype"] not in TORCH_DTYPES:
             raise mismatch(f"{name} is stored as {entry['dtype']}, which this torch cannot hold")
