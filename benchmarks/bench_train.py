@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    random.seed(0)  # the diffusion-loss position k*: the same step in every setting
     checkpointing, amp = parse_setting(args.settings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = autocast_dtype(device) if amp else None
@@ -178,7 +180,8 @@ def main() -> None:
         result["time_vs_first"] = result["seconds_per_step"] / baseline["seconds_per_step"]
         result["memory_vs_first"] = result["peak_memory_mb"] / baseline["peak_memory_mb"]
     print(format_table(results, ["setting", "batch", "seconds_per_step", "samples_per_second",
-                                 "peak_memory_mb", "time_vs_first", "memory_vs_first", "load_average_after"]))
+                                 "peak_memory_mb", "time_vs_first", "memory_vs_first", "loss",
+                                 "load_average_after"]))
     rate_after = matmul_throughput(torch.float32) / 1e9
     loaded = "; times not comparable: rate below 300 GFLOP/s (machine loaded)"
     print(f"\nfp32 matmul {rate_before:.0f} GFLOP/s before, {rate_after:.0f} after; load avg "
