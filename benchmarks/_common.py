@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISIONS = ("fp32", "fp32-cl", "bf16", "bf16-all")
@@ -87,10 +88,28 @@ def matmul_throughput(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5
     return 2 * size**3 / best
 
 
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
+                                       out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels only; the fused CPU kernel (what
+# scaled_dot_product_attention runs here) would count as zero FLOPs.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flop,
+}
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """(fn(), the FLOPs torch's flop counter attributes to it: 2 per multiply-add of convs,
-    matmuls and attention; elementwise work is not counted, so the bound is optimistic)."""
-    with FlopCounterMode(display=False) as counter:
+    matmuls and attention, the CPU's fused attention kernel included; elementwise work is not
+    counted, so the bound is optimistic)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         result = fn()
     return result, int(counter.get_total_flops())
 
@@ -174,20 +193,18 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     """Convert a MIDM's networks for inference; everything else (sampler arithmetic, matching,
     vector quantisation) stays float32, since the networks take and return float32.
 
-    fp32: as built (the reference). fp32-cl: channels-last convolutions. bf16: the UNet in
-    bfloat16 (96% of the FLOPs at paper scale, no measurable change of the output), first stage
-    float32, both channels-last. bf16-all: the first stage in bfloat16 as well (faster; its
+    fp32, fp32-cl and bf16 are `MIDM.set_precision`'s (fp32: as built, the reference, contiguous;
+    fp32-cl: channels-last convolutions; bf16: the UNet in bfloat16, first stage float32, both
+    channels-last). bf16-all, measured here only: the first stage in bfloat16 as well (faster; its
     rounding reaches the output image directly).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
+    if precision == "bf16-all":
+        model.set_precision("bf16")
+        model.first_stage.to(dtype=torch.bfloat16)
         return model
-    low = torch.bfloat16 if precision.startswith("bf16") else torch.float32
-    model.unet.to(dtype=low, memory_format=torch.channels_last)
-    first_stage_dtype = low if precision == "bf16-all" else torch.float32
-    model.first_stage.to(dtype=first_stage_dtype, memory_format=torch.channels_last)
-    return model
+    return model.set_precision(precision)
 
 
 # --------------------------------------------------------------------------------------------

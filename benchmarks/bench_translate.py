@@ -48,6 +48,8 @@ OFFICIAL_UNET_CALLS, OFFICIAL_ENCODES, OFFICIAL_DECODES = 29, 2, 7
 # Targets of issue #9 (CPU, 2 threads, paper-celebahq unless noted).
 TARGET_UNET_CALLS, TARGET_ENCODES, TARGET_DECODES = 24, 1, 1
 TARGET_RSS_MB = 2048
+# The user's path (`--cli`): 2.0 GB for fp32, 1.2 GB for bf16 (decimal GB, in MiB).
+CLI_TARGET_RSS_MB = {"fp32": 2.0e9 / 2**20, "bf16": 1.2e9 / 2**20}
 TARGET_FP32_EFFICIENCY = 1.4
 TARGET_BF16_SPEED = 0.25
 TARGET_BF16_MAE_255 = 1.0
@@ -146,44 +148,57 @@ def official_emulated(result: dict) -> float:
             + (OFFICIAL_DECODES - result["decodes"]) * per_decode)
 
 
-def cli_run(args: argparse.Namespace) -> dict:
-    """The user's path: write a random-weight model file of the preset, then time `midms translate`
-    on one condition/exemplar pair in a subprocess and read its peak RSS (RUSAGE_CHILDREN)."""
-    import resource
+def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
+    """The user's path: a model file (`--model`, or a random-weight float32 one of the preset), then
+    run `midms translate --precision P` on one condition/exemplar pair in a subprocess per
+    precision; wall time (CLI start-up, loading, translation, writing) and that child's own peak
+    RSS (wait4's rusage)."""
     import subprocess
 
+    from midms_cli.checkpoint import read_metadata
     from midms_cli.conditions.io import save_condition
-    from midms_cli.config import preset
+    from midms_cli.config import ModelConfig, preset
     from midms_cli.images import save_png
     from midms_cli.models.midm import MIDM
     from midms_cli.pipelines.translate import save_midm
 
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        torch.manual_seed(0)
-        model = randomize_zero_init(MIDM(preset(args.preset)).eval())
-        save_midm(folder / "model.safetensors", model)
-        condition, exemplar, exemplar_condition = build_inputs(model.config, 1, seed=1)
-        del model
+        model_file = Path(args.model) if args.model else folder / "model.safetensors"
+        if args.model:
+            config = ModelConfig.from_dict(read_metadata(model_file)["config"])
+        else:
+            torch.manual_seed(0)
+            model = randomize_zero_init(MIDM(preset(args.preset)).eval())
+            save_midm(model_file, model)
+            config = model.config
+            del model
+        condition, exemplar, exemplar_condition = build_inputs(config, 1, seed=1)
         save_condition(condition[0], folder / "cond.npy")
         save_png(exemplar[0], folder / "ref.png")
         save_condition(exemplar_condition[0], folder / "ref_cond.npy")
-        command = [sys.executable, "-m", "midms_cli", "translate", str(folder / "cond.npy"),
-                   str(folder / "ref.png"), "--ref-cond", str(folder / "ref_cond.npy"),
-                   "-o", str(folder / "out.png"), "--model", str(folder / "model.safetensors"),
-                   *args.cli_args.split()]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        start = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"midms translate failed:\n{proc.stderr[-2000:]}")
-        # ru_maxrss of the children is the largest peak of any waited-for child: here the CLI alone
-        # (this process runs no other child).
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        file_mb = (folder / "model.safetensors").stat().st_size / 2**20
-    return {"command": "midms translate " + " ".join(command[4:5]) + " ... " + args.cli_args,
-            "seconds": elapsed, "peak_rss_mb": peak, "model_file_mb": file_mb}
+        file_mb = model_file.stat().st_size / 2**20
+        for precision in precisions:
+            command = [sys.executable, "-m", "midms_cli", "translate", str(folder / "cond.npy"),
+                       str(folder / "ref.png"), "--ref-cond", str(folder / "ref_cond.npy"),
+                       "-o", str(folder / f"out-{precision}.png"), "--model", str(model_file),
+                       "--precision", precision, *args.cli_args.split()]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            start = time.perf_counter()
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    env=env)
+            stderr = proc.stderr.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            elapsed = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"midms translate failed:\n{stderr[-2000:]}")
+            results.append({"precision": precision, "seconds": elapsed, "peak_rss_mb": usage.ru_maxrss / 1024,
+                            "model_file_mb": file_mb, "target_mb": CLI_TARGET_RSS_MB.get(precision),
+                            "command": "midms translate COND REF --ref-cond C --model FILE --precision "
+                                       f"{precision} {args.cli_args}".strip()})
+    return results
 
 
 def paired_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
@@ -232,7 +247,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=0, help="timed runs, best kept (tiny: 3, else 1)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     parser.add_argument("--cli", action="store_true",
-                        help="instead: time `midms translate` from a model file and report its peak RSS")
+                        help="instead: run `midms translate --precision P` from a model file per precision "
+                             "and report its peak RSS")
+    parser.add_argument("--model", default=None,
+                        help="with --cli: this model file instead of a random-weight one of the preset")
     parser.add_argument("--cli-args", default="", help="extra arguments for `midms translate` with --cli")
     parser.add_argument("--paired", action="store_true",
                         help="instead: time all precisions alternately in one process (robust ratios)")
@@ -249,13 +267,18 @@ def main() -> None:
 
     info = machine_info(args.threads)
     if args.cli:
-        result = cli_run(args)
-        print(f"preset {args.preset}: `{result['command']}` (model file {result['model_file_mb']:.0f} MiB)")
-        print(f"  wall time {result['seconds']:.1f} s (load + translate + write), "
-              f"peak RSS {result['peak_rss_mb']:.0f} MiB")
-        print(verdict("peak RSS of the whole CLI translation", result["peak_rss_mb"], TARGET_RSS_MB, " MiB"))
+        precisions = [p for p in args.precisions.split(",") if p]
+        results = cli_run(args, precisions)
+        print(f"preset {args.preset}: `midms translate` from a model file of "
+              f"{results[0]['model_file_mb']:.0f} MiB, load avg {os.getloadavg()[0]:.1f} after")
+        print(format_table(results, ["precision", "seconds", "peak_rss_mb", "target_mb"]))
+        print("(seconds: CLI start-up, loading, translation and writing, under the load printed)")
+        for result in results:
+            if result["target_mb"]:
+                print(verdict(f"peak RSS of the whole CLI translation ({result['precision']})",
+                              result["peak_rss_mb"], result["target_mb"], " MiB"))
         if args.json:
-            report = {"machine": info, "preset": args.preset, "cli": result}
+            report = {"machine": info, "preset": args.preset, "cli": results}
             Path(args.json).write_text(json.dumps(report, indent=2))
         return
     precisions = [p for p in args.precisions.split(",") if p]

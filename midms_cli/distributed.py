@@ -113,6 +113,26 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return result.to(device)
 
 
+def rank_share(count: int, rank_: int | None = None, world: int | None = None) -> range:
+    """The indices of `count` work items this rank handles: contiguous blocks whose sizes differ by
+    at most one, in rank order (consecutive items often share an exemplar, which a block keeps)."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    base, extra = divmod(count, world)
+    start = rank_ * base + min(rank_, extra)
+    return range(start, start + base + (1 if rank_ < extra else 0))
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's picklable `obj` in rank order on the main process (None elsewhere); [obj] in one
+    process. Only for small results (summaries, metric statistics): it is pickled in memory."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered if is_main() else None
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """`print` on the main process only."""
     if is_main():

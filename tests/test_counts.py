@@ -80,7 +80,7 @@ def test_a_batch_of_conditions_costs_one_batched_unet_pass_per_step_and_one_enco
     assert calls[FeatureEncoder.__name__] == 1 + 1 + 2
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp32-cl", "bf16"])
 def test_cli_translation_from_a_model_file_does_only_the_work_the_outputs_need(tiny_model, tmp_path,
                                                                               precision):
     model_file = tmp_path / "tiny.safetensors"
@@ -111,4 +111,4 @@ def test_cli_rejects_an_unknown_precision_in_one_line(capsys):
         main(["translate", "a.png", "b.png", "--precision", "fp8"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--precision 'fp8': choose one of fp32, bf16" in err
+    assert len(err.splitlines()) == 1 and "--precision 'fp8': choose one of fp32, fp32-cl, bf16" in err

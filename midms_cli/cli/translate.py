@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
+from midms_cli import distributed
 from midms_cli.cli.state import STATE, emit, progress_bar
 from midms_cli.config import SAMPLING_BUNDLES
 from midms_cli.devices import resolve_device
@@ -23,6 +24,7 @@ from midms_cli.pipelines.translate import (
     sampling_settings,
     translate_pairs,
 )
+from midms_cli.pipelines.translate_parallel import rank_device, translate_pairs_data_parallel
 from midms_cli.sampler import NOISE_ORDERS, REFINERS
 
 _SAMPLER = "Sampler"
@@ -123,7 +125,8 @@ def translate_command(
         "fp32",
         "--precision",
         help=f"Network precision: {', '.join(PRECISIONS)}. bf16 runs the UNet in bfloat16 (faster on GPUs "
-        "and CPUs with AMX / AVX-512 BF16; output within ~0.02/255 of fp32, benchmarks/README.md).",
+        "and CPUs with AMX / AVX-512 BF16; output within ~0.02/255 of fp32, benchmarks/README.md); "
+        "fp32-cl is float32 in channels-last layout (other rounding than fp32).",
         rich_help_panel=_SAMPLER,
     ),
     save_steps: bool = typer.Option(
@@ -147,7 +150,9 @@ def translate_command(
     if noise_order not in NOISE_ORDERS:  # noise order
         raise MidmsError(f"--noise-order {noise_order!r}: choose one of {', '.join(NOISE_ORDERS)}")
     jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
-    device = resolve_device(STATE.device)
+    # Under torchrun (WORLD_SIZE > 1) each process translates its share of the jobs.
+    parallel = distributed.init()
+    device = rank_device(STATE.device) if parallel else resolve_device(STATE.device)
     model_file = resolve_model_file(model)
     midm = load_midm(model_file, device, precision)
     sampling = sampling_settings(midm, variant=variant, steps=steps, noise_level=noise_level, refine=refine)
@@ -167,12 +172,18 @@ def translate_command(
         pretrained_unet=pretrained_unet,
         noise_order=noise_order,
     )
-    with progress_bar(
-        TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        transient=True, disable=len(jobs) == 1,
-    ) as bar:
-        task = bar.add_task("translate", total=len(jobs))
-        results = translate_pairs(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
+    run = translate_pairs_data_parallel if parallel else translate_pairs
+    try:
+        with progress_bar(
+            TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            transient=True, disable=len(jobs) == 1 or not distributed.is_main(),
+        ) as bar:
+            task = bar.add_task("translate", total=len(distributed.rank_share(len(jobs))))
+            results = run(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
+    finally:
+        distributed.cleanup()
+    if results is None:  # another process of a data-parallel run reports
+        return
     summary = {
         "model": str(model_file),
         "variant": sampling.variant,

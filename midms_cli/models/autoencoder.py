@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from midms_cli.config import AutoencoderConfig
 
@@ -192,16 +193,25 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
+        # Set by end-to-end training: MIDMs back-propagates through the frozen decoder at full image
+        # size, where each stored activation is tens of MB; recomputing them per block in the
+        # backward pass gives the same gradients.
+        self.activation_checkpointing = False
+
+    def _run(self, module: nn.Module, h: Tensor) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled() and h.requires_grad:
+            return checkpoint(module, h, use_reentrant=False)
+        return module(h)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self._run(self.mid, self.conv_in(z))
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
-                h = block(h)
+                h = self._run(block, h)
                 if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+                    h = self._run(stage.attn[i], h)
             if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+                h = self._run(stage.upsample, h)
         return self.conv_out(fresh_swish(self.norm_out(h)))
 
 

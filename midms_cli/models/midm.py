@@ -23,7 +23,13 @@ from midms_cli.models.correspondence import Correspondence, centre_normalize
 from midms_cli.models.unet import UNetModel
 
 # Inference precisions of the networks (MIDM.set_precision; benchmarks/bench_translate.py measures them).
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "fp32-cl", "bf16")
+
+
+def precision_layout(precision: str) -> torch.memory_format:
+    """The memory layout of the networks at a precision: channels-last only where asked for, since
+    it changes float32 results (oneDNN's channels-last kernels accumulate in another order)."""
+    return torch.contiguous_format if precision == "fp32" else torch.channels_last
 
 # --------------------------------------------------------------------------------------------
 # Time grids
@@ -170,6 +176,7 @@ class MIDM(nn.Module):
         # ᾱ in float64, moved with the module but not saved (the config rebuilds it).
         schedule = NoiseSchedule(config.diffusion)
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod, persistent=False)
+        self.precision = "fp32"  # set_precision changes it
 
     def train(self, mode: bool = True) -> MIDM:
         """The first stage stays in eval mode: it is frozen in every phase (spec 2.1)."""
@@ -178,19 +185,39 @@ class MIDM(nn.Module):
         return self
 
     def set_precision(self, precision: str) -> MIDM:
-        """Inference precision of the networks (issue #9), in place; returns self.
+        """Inference precision of the networks, in place; returns self.
 
-        "fp32": float32, the reference. "bf16": the UNet in bfloat16 (96% of a paper-scale
-        translation's FLOPs; the output image moves by ~0.01/255) while the first stage stays
-        float32 (its rounding would reach the image directly, ~1/255). Both use channels-last
-        memory format, oneDNN's fastest layout. The networks take and return float32, so the
-        sampler's arithmetic, the matching and the vector quantisation stay float32.
+        "fp32": float32 in the plain (contiguous) memory layout the models are built and trained
+        in, which is also latent-diffusion's: results equal the model as built. "fp32-cl": float32
+        with both networks in channels-last layout, whose oneDNN kernels sum in another order (about
+        twice the first stage's float32 rounding error against a float64 reference; faster only on
+        some loaded machines, benchmarks/README.md). "bf16": the UNet in bfloat16 (96% of a
+        paper-scale translation's FLOPs; the output image moves by ~0.01/255) while the first stage
+        stays float32 (its rounding would reach the image directly, ~1/255), both channels-last.
+        The networks take and return float32, so the sampler's arithmetic, the matching and the
+        vector quantisation stay float32.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.unet.to(dtype=dtype, memory_format=torch.channels_last)
-        self.first_stage.to(dtype=torch.float32, memory_format=torch.channels_last)
+        self.precision = precision
+        self.first_stage.to(dtype=torch.float32, memory_format=precision_layout(precision))
+        self.prepare_unet(self.unet)
+        return self
+
+    def prepare_unet(self, unet: nn.Module) -> nn.Module:
+        """A UNet (the model's own, or a refiner's) in the dtype and layout of this model's precision."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return unet.to(dtype=dtype, memory_format=precision_layout(self.precision))
+
+    def set_activation_checkpointing(self, enabled: bool) -> MIDM:
+        """Recompute activations in the backward pass instead of storing them: each UNet block of
+        the unrolled loop and each block of the frozen decoder at full image size (same gradients).
+        At paper scale, batch 1, these are the two largest stores of an end-to-end step
+        (benchmarks/bench_train.py). The re-warps are not recomputed: their spectrally normalised
+        convolutions take a power-iteration step in every training forward, so a recomputation
+        would update the normalisation twice and differentiate another weight."""
+        self.unet.activation_checkpointing = enabled
+        self.first_stage.decoder.activation_checkpointing = enabled
         return self
 
     def modules_to_save(self) -> dict[str, nn.Module]:

@@ -279,9 +279,9 @@ def build_task(
     model.first_stage.requires_grad_(False)
     model.unet.requires_grad_(phase == "e2e")
     model.correspondence.requires_grad_(True)
-    # Recompute each UNet block's activations in the backward pass instead of storing them: bounds
-    # the memory of the 4 + 4 + 1 unrolled UNet calls of the e2e phase.
-    model.unet.activation_checkpointing = training.activation_checkpointing and phase == "e2e"
+    # Recompute the UNet's and the decoder's block activations in the backward pass instead of
+    # storing them: bounds the memory of the 4 + 4 + 1 unrolled UNet calls and the two decodes.
+    model.set_activation_checkpointing(training.activation_checkpointing and phase == "e2e")
     feature_net = build_feature_net(training.losses, model.first_stage)
     objective = MIDMsObjective(model, feature_net, phase)
     optimizer = torch.optim.AdamW(

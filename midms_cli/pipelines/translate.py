@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import midms_cli
-from midms_cli.checkpoint import RunDir, load_modules, read_metadata, save_modules
+from midms_cli.checkpoint import RunDir, read_metadata, save_modules
 from midms_cli.conditions.io import load_condition
 from midms_cli.config import (
     ModelConfig,
@@ -34,6 +34,7 @@ from midms_cli.errors import ConfigError, MidmsError
 from midms_cli.extractors import EXTRACTORS, get_extractor
 from midms_cli.images import load_image, save_png
 from midms_cli.models.midm import MIDM, ExemplarFeatures, LoopResult
+from midms_cli.models.model_file import midm_from_file
 from midms_cli.sampler import REFINERS, OfficialNoiseOrder, translate
 
 MODEL_KIND = "midms"
@@ -92,9 +93,8 @@ def load_midm(path: str | os.PathLike, device: torch.device | str = "cpu", preci
         config = ModelConfig.from_dict(metadata["config"])
     except ConfigError as exc:
         raise MidmsError(f"{path} holds an invalid model config: {exc}") from None
-    model = MIDM(config)
-    load_modules(path, model.modules_to_save(), expected_kind=MODEL_KIND)
-    return model.to(device).eval().set_precision(precision)
+    # One copy of the weights, read straight into parameters of the compute dtype.
+    return midm_from_file(path, config, device, precision)
 
 
 def _architecture(config: UNetConfig) -> dict[str, Any]:
@@ -113,9 +113,8 @@ def load_pretrained_unet(path: str | os.PathLike, model: MIDM, device: torch.dev
             f"{path}: its UNet does not match the model's UNet architecture; "
             "use the LDM the model was fine-tuned from"
         )
-    # The refiner runs at the precision of the model's own UNet.
-    dtype = next(model.unet.parameters()).dtype
-    return modules["unet"].to(device).eval().to(dtype=dtype, memory_format=torch.channels_last)
+    # The refiner runs at the precision (dtype and layout) of the model's own UNet.
+    return model.prepare_unet(modules["unet"].to(device).eval())
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,3 +194,36 @@ def test_first_stage_attention_matches_reference():
     weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(32), dim=2)  # (B, query, key)
     out = torch.einsum("bcj,bij->bci", v, weights).reshape(2, 32, 3, 3)
     torch.testing.assert_close(block(x), x + block.proj_out(out), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_activation_checkpointing_gives_the_same_image_and_gradient(monkeypatch):
+    """Checkpointing the frozen decoder's blocks recomputes them in the backward pass: same values."""
+    from midms_cli.models import autoencoder as autoencoder_module
+
+    calls = []
+    original = autoencoder_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(autoencoder_module, "checkpoint", counting)
+    torch.manual_seed(3)
+    model = build_autoencoder(preset("tiny").autoencoder).eval().requires_grad_(False)
+    upstream = torch.randn(1, 3, 64, 64)
+    results = []
+    for checkpointing in (False, True):
+        model.decoder.activation_checkpointing = checkpointing
+        z = torch.randn(1, model.config.embed_dim, 16, 16, generator=torch.Generator().manual_seed(0))
+        z.requires_grad_(True)
+        image = model.decode(z)
+        (image * upstream).sum().backward()
+        results.append((image.detach(), z.grad))
+    levels = len(model.config.ch_mult)
+    # mid, every ResNet block and every upsampler (no attention at these resolutions).
+    assert len(calls) == 1 + levels * (model.config.num_res_blocks + 1) + levels - 1
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # without gradients nothing is checkpointed
+        model.decode(torch.randn(1, model.config.embed_dim, 16, 16))
+    assert len(calls) == 1 + levels * (model.config.num_res_blocks + 1) + levels - 1

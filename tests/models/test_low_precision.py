@@ -107,3 +107,54 @@ def test_bf16_translation_stays_within_one_grey_level_of_fp32():
     assert images[1].dtype == torch.float32
     mae_255 = float((images[1] - images[0]).abs().mean() * 127.5)
     assert 0 < mae_255 < 1.0
+
+
+def _tiny_midm():
+    from midms_cli.models.midm import MIDM
+
+    torch.manual_seed(0)
+    return randomize(MIDM(preset("tiny")).eval())
+
+
+def _forward(model):
+    """The first stage's latent and the UNet's ε of fixed inputs."""
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    x = torch.randn(2, model.config.unet.in_channels, 16, 16, generator=gen)
+    with torch.no_grad():
+        return model.first_stage.encode(image), model.unet(x, torch.tensor([249, 63]))
+
+
+def test_fp32_precision_is_the_built_contiguous_model_bit_for_bit():
+    """The default path computes exactly what the model as built (and as trained) computes, even
+    after a round trip through channels-last: no layout that reorders float32 sums."""
+    model = _tiny_midm()
+    reference = _forward(model)
+    model.set_precision("fp32-cl")
+    networks = [*model.unet.parameters(), *model.first_stage.parameters()]
+    weights = [p for p in networks if p.dim() == 4 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.set_precision("fp32")
+    assert model.precision == "fp32"
+    assert all(p.is_contiguous() for p in networks)
+    for got, expected in zip(_forward(model), reference, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_refiner_unet_follows_the_models_precision():
+    model = _tiny_midm()
+    refiner = UNetModel(model.config.unet).eval()
+    model.set_precision("bf16")
+    assert model.prepare_unet(refiner) is refiner
+    conv = next(p for p in refiner.parameters() if p.dim() == 4)
+    assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
+    model.set_precision("fp32")
+    model.prepare_unet(refiner)
+    conv = next(p for p in refiner.parameters() if p.dim() == 4)
+    assert conv.dtype == torch.float32 and conv.is_contiguous()
+
+
+def test_unknown_precision_is_refused_by_name():
+    with pytest.raises(ValueError, match="fp16"):
+        _tiny_midm().set_precision("fp16")
