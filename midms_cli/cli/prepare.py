@@ -127,7 +127,7 @@ def _typer_command(
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__doc__ = help_text
-    mini = typer.Typer(rich_markup_mode="rich", add_completion=False)
+    mini = typer.Typer(rich_markup_mode=None, add_completion=False)
     # A broken plugin's command accepts any arguments, so its error (not "no such option") is shown.
     settings = {"allow_extra_args": True, "ignore_unknown_options": True} if lenient else None
     mini.command(name=name, context_settings=settings)(command)
@@ -174,7 +174,7 @@ class PrepareGroup(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-prepare_app = typer.Typer(cls=PrepareGroup, no_args_is_help=True, rich_markup_mode="rich")
+prepare_app = typer.Typer(cls=PrepareGroup, no_args_is_help=True, rich_markup_mode=None)
 
 
 @prepare_app.callback()

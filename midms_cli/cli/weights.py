@@ -16,6 +16,7 @@ weights_app = typer.Typer(
     name="weights",
     help="List, add, fetch and locate pretrained weights (stored as safetensors in the cache).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 NAMES = ", ".join(registry.REGISTRY)
@@ -105,4 +106,8 @@ def path(name: str = typer.Argument(..., help=f"Artefact name: {NAMES}.")) -> No
 
 
 def register(app: typer.Typer) -> None:
+    from midms_cli.cli import import_ldm, import_midms
+
+    import_ldm.register(weights_app)
+    import_midms.register(weights_app)
     app.add_typer(weights_app, name="weights")
