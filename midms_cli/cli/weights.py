@@ -14,7 +14,7 @@ from midms_cli.cli.state import STATE, emit, out_console
 
 weights_app = typer.Typer(
     name="weights",
-    help="List, add, fetch and locate pretrained weights (stored as safetensors in the cache).",
+    help="List, add, fetch, import, export and locate pretrained weights (stored as safetensors).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
