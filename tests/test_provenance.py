@@ -40,3 +40,13 @@ def test_checkpoints_record_the_recorded_command(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["/opt/venv/bin/midms", "train", "--out", "runs/a"])
     save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(1)}, {}, "test")
     assert read_metadata(tmp_path / "c.safetensors")["command"] == ["midms", "train", "--out", "runs/a"]
+
+
+def test_the_license_file_matches_the_package_metadata():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "MIT"}
+    assert (root / "LICENSE").read_text().startswith("MIT License\n")
