@@ -1,4 +1,4 @@
-"""`midms weights list|add|fetch|path`: the external artefacts only a user can supply (architecture 6).
+"""`midms weights list|add|fetch|path`: the pretrained networks only a user can supply.
 
 Other modules add subcommands (`import-ldm`, `import-midms`) with `register(weights_app)`.
 """
@@ -56,7 +56,8 @@ def list_weights() -> None:
             lines.append(f"  file {source['file']}  layout {source['layout']}  sha256 {checksum}")
             lines.append(f"    url {source['url'] or 'none known'}")
         lines += [f"  looked for {path}" for path in row["looked_for"]]
-        lines += [f"  original (not yet added) at {path}" for path in row["originals_found"]]
+        originals = row["originals_found"]
+        lines += [f"  original at {path} (checked and stored on first use)" for path in originals]
         for line in lines:
             out_console.print(line, soft_wrap=True, highlight=False)
 
