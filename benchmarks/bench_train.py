@@ -27,7 +27,7 @@ from _common import format_table, machine_info, peak_rss_mb, randomize_zero_init
 
 
 def synthetic_batch(config, batch: int, seed: int = 1) -> dict:
-    """A training batch of the shard layout: image, cond, ref, ref_cond (spec 3.1)."""
+    """A training batch of the shard layout: image, cond, ref, ref_cond."""
     generator = torch.Generator().manual_seed(seed)
     size, channels = config.image_size, config.correspondence.cond_channels
 

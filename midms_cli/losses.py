@@ -1,4 +1,5 @@
-"""The MIDMs training losses of spec 2.3 (Eq. 12-17 and the LSUN segmentation term).
+"""The MIDMs training losses as the official code computes them (Eq. 12-17 and the LSUN
+segmentation term).
 
 Each loss is a small pure function on tensors named after its equation; which features they see
 (VGG19 or the first-stage encoder) is decided by the caller (`models/feature_net.py`).
@@ -17,12 +18,12 @@ FEATURE_EPS = sys.float_info.epsilon
 
 
 def feature_normalize(x: torch.Tensor, eps: float = FEATURE_EPS) -> torch.Tensor:
-    """n(x): per-pixel L2 normalisation over channels, x / (||x||_2 + eps) (spec 2.3 helper)."""
+    """n(x): per-pixel L2 normalisation over channels, x / (||x||_2 + eps)."""
     return x / (x.norm(p=2, dim=1, keepdim=True) + eps)
 
 
 def domain_alignment_loss(d_x: torch.Tensor, d_gt: torch.Tensor, d_y: torch.Tensor) -> torch.Tensor:
-    """Eq. 12, as the official code computes it (spec 2.3 #1, 5.14).
+    """Eq. 12, as the official code computes it.
 
     L1(n(D_x), n(D_gt)) + L1(sg[n(D_y)] * n(D_x), sg[n(D_y)] * n(D_gt)) on the pre-trunk features
     D_x = SegEnc(c), D_gt = RealEnc(z_gt), D_y = RealEnc(z_y). The second term weights both sides
@@ -36,7 +37,7 @@ def domain_alignment_loss(d_x: torch.Tensor, d_gt: torch.Tensor, d_y: torch.Tens
 def cycle_consistency_loss(back_warped: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """Eq. 13: L1 between a warp brought back to its source frame (transposed correlation) and the source.
 
-    Used for the initial warp (back-warp(R0, C0^T) vs z_y) and the iterative ones (spec 2.3 #2a/#2b).
+    Used for the initial warp (back-warp(R0, C0^T) vs z_y) and the iterative ones.
     """
     return F.l1_loss(back_warped, original)
 
@@ -47,19 +48,19 @@ def source_condition_loss(
     layers: Sequence[str] = ("r12", "r22", "r32", "r42", "r52"),
     weights: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0),
 ) -> torch.Tensor:
-    """Eq. 14: sum_l w_l * L1(F_l(Decode(GT path)), sg[F_l(GT)]) over five layers (spec 2.3 #3)."""
+    """Eq. 14: sum_l w_l * L1(F_l(Decode(GT path)), sg[F_l(GT)]) over five layers."""
     terms = [w * F.l1_loss(output_features[name], target_features[name].detach()) for name, w in zip(
         layers, weights, strict=True)]
     return torch.stack(terms).sum()
 
 
 def perceptual_loss(output_feature: torch.Tensor, target_feature: torch.Tensor) -> torch.Tensor:
-    """Eq. 15: L1(F_L(y_hat), sg[F_L(GT)]) at one layer (r42 CelebA/DeepFashion, r52 LSUN; spec 2.3 #4)."""
+    """Eq. 15: L1(F_L(y_hat), sg[F_L(GT)]) at one layer (r42 CelebA/DeepFashion, r52 LSUN)."""
     return F.l1_loss(output_feature, target_feature.detach())
 
 
 def contextual_affinity_max(x: torch.Tensor, y: torch.Tensor, h: float = 0.1) -> torch.Tensor:
-    """s_i = max_j A_ij of the contextual similarity (spec 2.3 CX steps 1-5), shape (B, N).
+    """s_i = max_j A_ij of the contextual similarity (Mechrez et al. 2018), shape (B, N).
 
     Both maps are centred with Y's per-pixel channel mean (PONO-style, X uses Y's statistics at the
     same pixel), L2-normalised, d_ij = 1 - cos(x_i, y_j), d~_ij = d_ij / (min_k d_ik + 1e-3),
@@ -78,7 +79,7 @@ def contextual_affinity_max(x: torch.Tensor, y: torch.Tensor, h: float = 0.1) ->
 def contextual_loss(
     x: torch.Tensor, y: torch.Tensor, h: float = 0.1, mode: str = "wta", wta_threshold: float = 0.3
 ) -> torch.Tensor:
-    """CX of Eq. 16 between generated features X and exemplar features Y (spec 2.3, 5.15).
+    """CX of Eq. 16 between generated features X and exemplar features Y, as the official code computes it.
 
     mode "wta" (official MIDMs): keep s_i >= threshold across the whole batch and return
     -log(mean of the kept s_i), or 0 when none passes. mode "cocosnet": per-sample
@@ -105,7 +106,7 @@ def contextual_style_loss(
     mode: str = "wta",
     wta_threshold: float = 0.3,
 ) -> torch.Tensor:
-    """Eq. 16: 8 CX(r52) + 4 CX(r42) + 2 CX(avgpool2 r32) + 1 CX(avgpool4 r22) (spec 2.3 #5).
+    """Eq. 16: 8 CX(r52) + 4 CX(r42) + 2 CX(avgpool2 r32) + 1 CX(avgpool4 r22).
 
     The exemplar side is detached.
     """
@@ -119,7 +120,7 @@ def contextual_style_loss(
 
 
 def diffusion_loss_x0(x0_pred: torch.Tensor, z_gt: torch.Tensor) -> torch.Tensor:
-    """Eq. 17 as the official code computes it: MSE(x0_pred, z_gt) in latent (x0) space (spec 2.3 #6, 5.5)."""
+    """Eq. 17 as the official code computes it: MSE(x0_pred, z_gt) in latent (x0) space."""
     return F.mse_loss(x0_pred, z_gt)
 
 
@@ -129,14 +130,14 @@ def diffusion_loss_eps(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tenso
 
 
 def self_warp_reconstruction_loss(warped_gt: torch.Tensor, z_gt: torch.Tensor) -> torch.Tensor:
-    """Warm-up replacement of Eq. 17: MSE(softwarp(z_gt, C_gt), z_gt) (spec 2.3 #6')."""
+    """Warm-up replacement of Eq. 17: MSE(softwarp(z_gt, C_gt), z_gt)."""
     return F.mse_loss(warped_gt, z_gt)
 
 
 def warped_segmentation_loss(
     warped_exemplar_onehot: torch.Tensor, gt_labels: torch.Tensor, exemplar_onehot: torch.Tensor
 ) -> torch.Tensor:
-    """LSUN warped-segmentation loss (spec 2.3 #7), at latent resolution.
+    """LSUN warped-segmentation loss, at latent resolution.
 
     sum_p w(p) * NLL(log(warped one-hot + 1e-10), label(p)) / (sum_p w(p) + 1e-5), where w(p) = 0 for
     class 0 and for GT classes that do not occur in the exemplar, else 1.

@@ -1,4 +1,4 @@
-"""Import the released MIDMs checkpoint (spec 6.0) as a midms model file (kind "midms").
+"""Import the released MIDMs checkpoint as a midms model file (kind "midms").
 
 The release stores `{"state_dict": ...}` of the whole official module: the fine-tuned UNet and the
 frozen first stage under `diff_model.` in latent-diffusion's layout, and the correspondence
@@ -28,10 +28,10 @@ from midms_cli.weights import read_state_dict
 
 DIFFUSION_PREFIX = "diff_model."
 CORRESPONDENCE_PREFIXES = ("seg_enc.", "real_enc.", "iter_enc.", "layer.", "theta.", "phi.")
-# The official `set_copy()` builds a second, never-loaded LDM for refinement (spec 1.11); a
+# The official `set_copy()` builds a second, never-loaded LDM for refinement; a
 # checkpoint saved after calling it would carry that random UNet, which nothing should use.
 DROPPED_PREFIXES = ("copied_diff_model.",)
-# Condition kind by the number of condition channels of the released models (spec 1.4).
+# Condition kind by the number of condition channels of the released models.
 KIND_BY_CHANNELS = {15: "celebahq-edges", 20: "openpose", 151: "ade20k", 1: "canny"}
 
 
@@ -62,7 +62,7 @@ def _shape(tensors: dict[str, Tensor], key: str) -> torch.Size:
 
 
 def correspondence_config(tensors: dict[str, Tensor]) -> CorrespondenceConfig:
-    """The correspondence widths read off the official tensors' shapes (spec 1.4)."""
+    """The correspondence widths read off the official tensors' shapes."""
     stem = tuple(int(_shape(tensors, f"seg_enc.layer{i}.0.weight_orig")[0]) for i in (1, 2, 3))
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"layer\.(\d+)\.", k))}
     return CorrespondenceConfig(

@@ -1,9 +1,9 @@
-"""Algorithm 1 of MIDMs (spec 1.7, 1.11): initial cross-domain warp, interleaved matching + DDIM
+"""Algorithm 1 of MIDMs, as the official code runs it: initial cross-domain warp, interleaved matching + DDIM
 steps, then refinement, then decoding.
 
 Needs only what a user has at inference: the condition, the exemplar and the exemplar's own
-condition (no ground-truth path, spec 5.12). With the official settings one image costs 4
-interleaved + 20 refinement UNet calls, one encode and one decode (spec 1.12); the exemplar's
+condition (no ground-truth path). With the official settings one image costs 4
+interleaved + 20 refinement UNet calls, one encode and one decode; the exemplar's
 features are computed once and shared by every condition of a batch.
 """
 
@@ -32,7 +32,7 @@ class Translation:
 
 
 def choose_refiner(model: MIDM, refine: str, pretrained: nn.Module | None) -> nn.Module | None:
-    """The UNet that refines (spec 1.11): the model's own ("finetuned", official), a separate
+    """The UNet that refines: the model's own ("finetuned", official), a separate
     pretrained one ("pretrained", the paper's description), or none."""
     if refine == "finetuned":
         return model.unet
@@ -59,7 +59,7 @@ def refine(
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Spec 1.11: noise the latent back to t_noise (official 101) and denoise with η = refine_eta
+    """The refinement: noise the latent back to t_noise (official 101) and denoise with η = refine_eta
     (official 1) down the refine grid (official 96, 91, ..., 1); returns the last x0-prediction."""
     plan = refinement_trajectory(sampling, model.alphas_cumprod)
     return model.denoise(unet, latent, plan, _noise(latent, generator), sampling.refine_eta, generator)
@@ -88,7 +88,7 @@ def translate(
     # 1. Exemplar and condition features; the initial cross-domain warp R0 (Eq. 5-6).
     if isinstance(exemplar, Tensor):
         if exemplar_condition is None:
-            raise ValueError("an exemplar photo needs its own condition map (spec 1.3)")
+            raise ValueError("an exemplar photo needs its own condition map")
         exemplar = model.encode_exemplar(exemplar, exemplar_condition)
     exemplar = exemplar.expand(condition.shape[0])
     cond = model.condition_features(condition)

@@ -62,7 +62,7 @@ REGISTRY: dict[str, Artefact] = {
         Artefact(
             "vgg19",
             "VGG19 ImageNet features",
-            "training losses (spec 2.5), style metrics",
+            "training losses, style metrics",
             (
                 Source(
                     "vgg19-dcbb9e9d.pth",
@@ -73,7 +73,7 @@ REGISTRY: dict[str, Artefact] = {
                     origin="torchvision",
                 ),
                 Source(
-                    "vgg19_conv.pth", "cocosnet-vgg19", "conv1_1.weight", origin="CoCosNet models/ (spec 3.6)"
+                    "vgg19_conv.pth", "cocosnet-vgg19", "conv1_1.weight", origin="CoCosNet models/"
                 ),
             ),
         ),

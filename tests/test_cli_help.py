@@ -50,7 +50,8 @@ def test_every_help_fits_80_columns_with_whole_option_names(capsys, monkeypatch)
         for param in _command(list(path)).params:
             for name in [*param.opts, *param.secondary_opts]:
                 if name.startswith("-") and not getattr(param, "hidden", False):
-                    assert re.search(rf"(^|[\s,/]){re.escape(name)}($|[\s,])", text, re.MULTILINE), (path, name)
+                    whole = rf"(^|[\s,/]){re.escape(name)}($|[\s,])"
+                    assert re.search(whole, text, re.MULTILINE), (path, name)
 
 
 def test_flags_show_no_value_placeholder(capsys, monkeypatch):

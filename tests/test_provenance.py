@@ -43,8 +43,9 @@ def test_checkpoints_record_the_recorded_command(tmp_path, monkeypatch):
 
 
 def test_the_license_file_matches_the_package_metadata():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]

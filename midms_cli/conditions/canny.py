@@ -1,6 +1,6 @@
 """Canny edge maps with kornia, tuned to scikit-image's defaults used by the official recipe.
 
-Spec 3.2 step 6 calls `skimage.feature.canny(gray)` with default parameters: Gaussian sigma 1.0
+The official CelebA-HQ loader calls `skimage.feature.canny(gray)` with default parameters: Gaussian sigma 1.0
 (truncated at 4 sigma, a 9-tap kernel), unnormalised Sobel gradients (scipy.ndimage.sobel), and
 hysteresis thresholds 0.1 / 0.2 on the gradient magnitude of a [0, 1] image. kornia's `canny`
 uses the same unnormalised Sobel operator, so the same numbers apply; we pass a 9x9 kernel to match

@@ -1,4 +1,4 @@
-"""The official CelebA-HQ 15-channel edge condition (spec 3.2, identical to CoCosNet).
+"""The official CelebA-HQ 15-channel edge condition (the official loader's recipe, identical to CoCosNet).
 
 Channels: [0] part boundaries + Canny edges outside the face parts, [1..13] per-part L1 distance
 maps to that part's boundary, [14] part boundaries only. Also readers for CelebAMask-HQ part masks.
@@ -16,7 +16,7 @@ from midms_cli.conditions.canny import canny_edges
 from midms_cli.conditions.distance import distance_map
 from midms_cli.errors import MidmsError
 
-# Spec 3.2 step 2: the 13 parts, in channel order 1..13.
+# The 13 parts of the official recipe, in channel order 1..13.
 CELEBAHQ_PARTS = (
     "skin", "l_brow", "r_brow", "l_eye", "r_eye", "l_ear", "r_ear",
     "nose", "u_lip", "mouth", "l_lip", "eye_g", "hair",
@@ -26,7 +26,7 @@ HAIR = CELEBAHQ_PARTS.index("hair")
 
 
 def part_boundaries(label: torch.Tensor) -> torch.Tensor:
-    """Spec 3.2 step 4: pixels whose label differs from the right/left/down/up neighbour.
+    """Part boundaries: pixels whose label differs from the right/left/down/up neighbour.
 
     label: (..., H, W) any dtype. Both pixels of a differing pair are marked, so a step between two
     regions becomes a 2-pixel-wide line. Returns bool of the same shape.
@@ -42,7 +42,7 @@ def part_boundaries(label: torch.Tensor) -> torch.Tensor:
 
 
 def inner_label(part_masks: torch.Tensor) -> torch.Tensor:
-    """Spec 3.2 step 3: 1 outside the face parts (background, neck, clothes) and inside hair, else 0.
+    """The background mask: 1 outside the face parts (background, neck, clothes) and inside hair, else 0.
 
     The official loop sets 0 inside each part in order and hair (last) back to 1, so hair wins.
     part_masks: (B, 13, H, W) bool -> (B, 1, H, W) bool.
@@ -52,7 +52,7 @@ def inner_label(part_masks: torch.Tensor) -> torch.Tensor:
 
 
 def render_celebahq(part_masks: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-    """The 15-channel CelebA-HQ condition (spec 3.2 steps 3-7) -> (B, 15, H, W) in [0, 1].
+    """The 15-channel CelebA-HQ condition of the official recipe -> (B, 15, H, W) in [0, 1].
 
     part_masks: (B, 13, H, W) bool in CELEBAHQ_PARTS order (an all-False channel = missing part).
     image: (B, 3, H, W) in [-1, 1] for the Canny channel, or None when only the part masks are
@@ -84,7 +84,7 @@ def celebamask_part_paths(annotation_root: str | Path, image_id: int) -> dict[st
 
 
 def load_part_masks(paths: Mapping[str, str | Path], size: int) -> torch.Tensor:
-    """Read a set of per-part binary mask PNGs into (13, size, size) bool (spec 3.2 step 2).
+    """Read a set of per-part binary mask PNGs into (13, size, size) bool, as the official loader does.
 
     `paths` maps part names to files; absent parts stay all False. Masks are resized with nearest
     neighbour as in the official code; a pixel is inside when its grey value is above 127 (the masks

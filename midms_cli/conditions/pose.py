@@ -1,4 +1,4 @@
-"""The DeepFashion pose condition: OpenPose 18-keypoint stick figure + 17 limb distance maps (spec 3.3).
+"""The DeepFashion pose condition: OpenPose 18-keypoint stick figure + 17 limb distance maps.
 
 Rasterisation is done here in torch (no OpenCV): a pixel belongs to a circle or ellipse when its
 centre lies inside the exact shape. OpenCV's polygon-based drawing can differ by one pixel along the
@@ -18,12 +18,12 @@ from midms_cli.conditions.distance import distance_map
 from midms_cli.errors import MidmsError
 
 POSE_CHANNELS = 20  # 3 RGB stick figure + 17 limb distance maps
-NUM_KEYPOINTS = 18  # COCO-18 order: nose, neck, r-shoulder, ..., l-ear (spec 3.3)
+NUM_KEYPOINTS = 18  # COCO-18 order: nose, neck, r-shoulder, ..., l-ear
 KEYPOINT_RADIUS = 4
 STICK_WIDTH = 4  # half-width of a limb ellipse
 BLEND_OLD, BLEND_NEW = 0.4, 0.6  # cv2.addWeighted(canvas, 0.4, limb_canvas, 0.6, 0) after each limb
 
-# The OpenPose palette as listed in spec 3.3 (cv2 BGR order).
+# The OpenPose palette of the official loader (cv2 BGR order).
 PALETTE_BGR = (
     (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
     (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
@@ -32,7 +32,7 @@ PALETTE_BGR = (
 # The picture is converted BGR -> RGB, so in RGB the first and last components swap.
 PALETTE_RGB = tuple((b, g, r) for r, g, b in PALETTE_BGR)
 
-# The first 17 OpenPose limbs, 1-based keypoint pairs (spec 3.3); 3-17 and 6-18 are not drawn.
+# The first 17 OpenPose limbs, 1-based keypoint pairs of the official loader; 3-17 and 6-18 are not drawn.
 LIMBS = (
     (2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11),
     (2, 12), (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18),
@@ -62,7 +62,7 @@ def keypoint_disks(keypoints: torch.Tensor, height: int, width: int) -> torch.Te
 
 
 def limb_ellipses(keypoints: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 17, H, W) bool: the filled limb ellipses of spec 3.3 (all False for a missing limb).
+    """(B, 17, H, W) bool: the filled limb ellipses of the official loader (all False for a missing limb).
 
     As in the official drawing: centre (int(mean x), int(mean y)), half-axes (int(length / 2), 4),
     rotated by int(degrees(atan2(dy, dx))).
@@ -88,7 +88,7 @@ def limb_ellipses(keypoints: torch.Tensor, height: int, width: int) -> torch.Ten
 def stick_figure(
     keypoints: torch.Tensor, height: int, width: int, limbs: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B, 3, H, W) RGB stick figure in [0, 1] (spec 3.3), 8-bit values as the official picture.
+    """(B, 3, H, W) RGB stick figure in [0, 1], 8-bit values as the official picture.
 
     Circles are painted opaquely in keypoint order (the last circle covering a pixel wins); after
     each limb the canvas becomes round(0.4 * old + 0.6 * new), where `new` is the canvas with that
@@ -110,7 +110,7 @@ def stick_figure(
 
 
 def render_pose(keypoints: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Spec 3.3 condition: (B, 18, 3) keypoints [x, y, score] in pixels (score < 0 = missing)
+    """The 20-channel pose condition: (B, 18, 3) keypoints [x, y, score] in pixels (score < 0 = missing)
     -> (B, 20, H, W) in [0, 1]: RGB stick figure, then one L1 distance map per limb
     (distance to the limb ellipse, /3, clip 255, uint8, /255; a missing limb is all ones).
     """
@@ -144,7 +144,7 @@ def read_openpose_candidate_subset(candidate_path: str | Path, subset_path: str 
     """OpenPose (pytorch-openpose) text files -> (18, 3) keypoints [x, y, score], score -1 if missing.
 
     candidate rows: x y score id; subset rows: 18 candidate indices (-1 = missing), total score,
-    keypoint count. The person with the highest total score is kept (single person assumed, spec 3.3).
+    keypoint count. The person with the highest total score is kept (one person assumed, as officially).
     """
     candidate = _load_table(Path(candidate_path), 4)
     subset = _load_table(Path(subset_path), NUM_KEYPOINTS + 2)

@@ -1,4 +1,4 @@
-"""The evaluation metrics (architecture 7, spec 4.2) and their registry.
+"""The evaluation metrics of the paper's protocols and their registry.
 
 `METRICS` is the one source of metric names: `midms eval --metrics` takes its choices and help
 from it, and each entry names the registered weights it needs, so a missing network is reported

@@ -1,4 +1,4 @@
-"""Sliced Wasserstein Distance between image sets, PGGAN protocol (Karras et al. 2018; spec 4.2).
+"""Sliced Wasserstein Distance between image sets, PGGAN protocol (Karras et al. 2018).
 
 Each image is decomposed into a Laplacian pyramid down to 16 px; from every level 128 random 7x7x3
 neighbourhoods are drawn per image. Descriptors are normalised per colour channel over the whole
@@ -124,7 +124,7 @@ def sliced_wasserstein(
 
 @dataclass
 class DescriptorSet:
-    """Accumulates SWD descriptors of one image set batch by batch (spec 4.2).
+    """Accumulates SWD descriptors of one image set batch by batch.
 
     Patch positions come from a generator seeded with `seed`, so the same images with the same
     seed always give the same descriptors, whichever set they are compared with.

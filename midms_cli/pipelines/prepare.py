@@ -1,4 +1,4 @@
-"""`prepare`: turn a dataset plugin's samples into WebDataset shards (architecture section 4).
+"""`prepare`: turn a dataset plugin's samples into WebDataset shards.
 
 Resumable and deterministic: shard i holds samples i*S .. (i+1)*S-1, each sample depends only on
 (seed, split, index), every shard is written under a temporary name and renamed when whole, and a

@@ -1,4 +1,4 @@
-"""celebahq: CelebAMask-HQ photos and part masks -> the CelebA-HQ edge condition (spec 3.2).
+"""celebahq: CelebAMask-HQ photos and part masks -> the CelebA-HQ edge condition.
 
 Layout under --source: `CelebA-HQ-img/{id}.jpg` and
 `CelebAMask-HQ-mask-anno/{id // 2000}/{id:05d}_{part}.png`.
@@ -35,7 +35,7 @@ class CelebAHQ(FolderDataset):
     name = "celebahq"
     description = "CelebAMask-HQ photos + part masks; condition: official 15-channel edge recipe or canny"
     version = "1"
-    resize = "bilinear"  # spec 3.2 step 1
+    resize = "bilinear"  # as the official CelebA-HQ loader
     options = (
         PluginOption("variant", str, "official", "official 15-channel recipe (part masks) or canny",
                      choices=("official", "canny")),
@@ -68,7 +68,7 @@ class CelebAHQ(FolderDataset):
         if not paths:
             expected = source / MASKS / str(image_id // 2000) / f"{image_id:05d}_{CELEBAHQ_PARTS[0]}.png"
             raise MidmsError(f"no part masks for {item}: expected files like {expected}")
-        masks = load_part_masks(paths, size)  # (13, S, S) bool, nearest resize (spec 3.2 step 2)
+        masks = load_part_masks(paths, size)  # (13, S, S) bool, nearest resize
         cond = render_celebahq(masks.unsqueeze(0), image.unsqueeze(0))[0]
         return cond, {"masks": str(source / MASKS / str(image_id // 2000))}
 

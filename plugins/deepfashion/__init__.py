@@ -1,10 +1,10 @@
-"""deepfashion: DeepFashion In-shop photos + OpenPose keypoints -> the pose condition (spec 3.3).
+"""deepfashion: DeepFashion In-shop photos + OpenPose keypoints -> the pose condition.
 
 Layout under --source (CoCosNet's): photos under `img/` (e.g. `img/MEN/Denim/id_00000080/01_1_front.jpg`)
 and keypoints under `pose/` with the same relative path: `pose/.../01_1_front_candidate.txt` +
 `_subset.txt` (pytorch-openpose text files) or `pose/.../01_1_front_keypoints.json` (OpenPose JSON).
-Keypoints are scaled from the photo's pixel size to --size. Pairing follows spec 3.1 for
-DeepFashion: easy = last entry of the reference line, hard = a random training image.
+Keypoints are scaled from the photo's pixel size to --size. Pairing follows the official loader
+for DeepFashion: easy = last entry of the reference line, hard = a random training image.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ class DeepFashion(FolderDataset):
     name = "deepfashion"
     description = "DeepFashion In-shop + OpenPose keypoints; condition: 18-keypoint stick figure + limb maps"
     version = "1"
-    easy = "last"  # spec 3.1: DeepFashion's easy reference is the last entry of its line
+    easy = "last"  # DeepFashion's easy reference is the last entry of its line
     hard = "random"  # and its hard reference a random training image
     options = COMMON_OPTIONS + (
         PluginOption("extract", bool, False, "photos without pose files: estimate keypoints with OpenPose "
                      "(needs `midms weights add openpose-body FILE`)"),
     )
-    extractor_kind = "openpose"  # OpenPose on the photo at --size, drawn by the spec 3.3 renderer
+    extractor_kind = "openpose"  # OpenPose on the photo at --size, drawn by the pose renderer
 
     def condition_spec(self, options: Mapping[str, Any]) -> ConditionSpec:
         return CONDITIONS["openpose"]
