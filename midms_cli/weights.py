@@ -132,6 +132,11 @@ def _how_to_get(name: str) -> str:
     return hint
 
 
+def weight_available(name: str) -> bool:
+    """Whether `name` is stored, or can be stored now from an original in a cache (see above)."""
+    return stored_path(name).is_file() or adopt_original(name) is not None
+
+
 def require_weight(name: str) -> Path:
     """The stored file of `name` (stored from a cache first if an original is there); a user error
     saying how to add it when it is missing."""

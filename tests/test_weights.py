@@ -125,6 +125,17 @@ def test_an_original_in_the_torch_hub_cache_is_stored_on_first_use(tmp_path, mon
     assert "note: stored alexnet from" in capsys.readouterr().err
 
 
+def test_metrics_count_a_cached_original_as_available(tmp_path, monkeypatch):
+    from midms_cli.metrics import METRICS, missing_weights
+
+    name = next(metric for metric, spec in METRICS.items() if "alexnet" in spec.weights)  # LPIPS
+    assert "alexnet" in missing_weights(name)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    pin_checksum(monkeypatch, "alexnet", sha256(save_state(hub / "alexnet-owt-7be5be79.pth", alexnet_like())))
+    assert "alexnet" not in missing_weights(name)
+
+
 def test_a_cached_file_with_the_wrong_checksum_is_not_used(tmp_path, monkeypatch):
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
