@@ -110,12 +110,13 @@ def read_exportable(path: Path) -> tuple[LdmConfigs, dict[str, Tensor]]:
 
 
 def export_ldm(model: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write OUT_DIR/model.ckpt and OUT_DIR/config.yaml from a model file; returns a summary."""
+    """Write OUT_DIR/model.ckpt and OUT_DIR/config.yaml from a model file or a training run's
+    folder (its final model, else its newest checkpoint); returns a summary."""
     import yaml  # as for import-ldm, only this command needs pyyaml
 
-    path, out_dir = Path(model), Path(out_dir)
-    if not path.is_file():
-        raise MidmsError(f"model file {path} does not exist")
+    from midms_cli.pipelines.translate import resolve_model_file
+
+    path, out_dir = resolve_model_file(model), Path(out_dir)
     configs, ours = read_exportable(path)
     state = ldm_layout.to_ldm_state_dict(ours, "ldm")
     state.update(schedule_buffers(configs.diffusion, configs.autoencoder.scale_factor))

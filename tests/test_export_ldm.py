@@ -36,9 +36,10 @@ def test_a_midms_model_exports_and_imports_back_unchanged(tmp_path, capsys):
     config = micro_config()
     config.autoencoder = dataclasses.replace(config.autoencoder, scale_factor=0.5)
     model = _randomised(MIDM(config))
-    save_midm(tmp_path / "model.safetensors", model)
-    code, out, err = run(capsys, "weights", "export-ldm", str(tmp_path / "model.safetensors"),
-                         "-o", str(tmp_path / "export"))
+    (tmp_path / "run").mkdir()
+    save_midm(tmp_path / "run" / "model.safetensors", model)
+    export = tmp_path / "export"
+    code, out, err = run(capsys, "weights", "export-ldm", str(tmp_path / "run"), "-o", str(export))
     assert code == 0, err
     state = torch.load(tmp_path / "export" / "model.ckpt", weights_only=True)["state_dict"]
     # The original key layout, spelled out independently of ldm_layout.
@@ -49,12 +50,11 @@ def test_a_midms_model_exports_and_imports_back_unchanged(tmp_path, capsys):
     assert not any(key.startswith("correspondence") for key in state)
     assert float(state["scale_factor"]) == 0.5
     # Round trip through import-ldm: same tensors, same configs.
-    export = tmp_path / "export"
     code, out, err = run(capsys, "weights", "import-ldm", "--config", str(export / "config.yaml"),
                          "--ckpt", str(export / "model.ckpt"), "-o", str(tmp_path / "back.safetensors"))
     assert code == 0, err
     back = load_checkpoint(tmp_path / "back.safetensors", expected_kind="ldm")
-    ours = {k: v for k, v in load_checkpoint(tmp_path / "model.safetensors").tensors.items()
+    ours = {k: v for k, v in load_checkpoint(tmp_path / "run" / "model.safetensors").tensors.items()
             if k.startswith(("first_stage.", "unet."))}
     assert back.tensors.keys() == ours.keys()
     assert all(torch.equal(back.tensors[key], ours[key]) for key in ours)

@@ -11,13 +11,15 @@ from midms_cli.cli.state import emit
 
 
 def export_ldm_command(
-    model: Path = typer.Argument(..., help="A midms model file (or an imported LDM file)."),
+    model: Path = typer.Argument(
+        ..., help="A midms model file or training run folder (or an imported LDM file)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.ckpt and config.yaml."),
 ) -> None:
     """Export the UNet and first stage in the original latent-diffusion layout (the inverse of import-ldm).
 
     The correspondence networks have no place in that layout and are left out.
-    Example: midms weights export-ldm runs/celeba-e2e/model.safetensors -o ldm-export/
+    Example: midms weights export-ldm runs/celeba-e2e -o ldm-export/
     """
     from midms_cli.ldm_export import export_ldm
 
