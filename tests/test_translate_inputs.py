@@ -79,6 +79,20 @@ def test_label_kinds_refuse_an_rgb_photo(tmp_path):
         inputs.check_condition_image(tmp_path / "photo.png", "celebahq-edges")
 
 
+def test_label_kinds_refuse_a_grey_photo(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    message = r"not a 'ade20k' label map \(\d+% of its pixels are no class id 0..150"
+    with pytest.raises(MidmsError, match=message):
+        inputs.check_condition_image(tmp_path / "grey.png", "ade20k")
+    labels = np.full((16, 16), 255, dtype=np.uint8)
+    labels[4:8] = 3
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    inputs.check_condition_image(tmp_path / "labels.png", "ade20k")  # ids and 255 (unknown) pass
+    Image.fromarray(np.full((16, 16), 13, dtype=np.uint8)).save(tmp_path / "parts.png")
+    inputs.check_condition_image(tmp_path / "parts.png", "celebahq-edges")  # 13 = hair, the last part
+
+
 def test_an_antialiased_edge_map_still_passes(tmp_path):
     """An edge map resized with a smooth filter has grey pixels along its edges, well below the limit."""
     edges = np.zeros((64, 64), dtype=np.uint8)

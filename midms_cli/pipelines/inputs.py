@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from midms_cli.conditions.celebahq import CELEBAHQ_PARTS
 from midms_cli.conditions.io import load_condition, resize_condition
 from midms_cli.errors import MidmsError
 from midms_cli.extractors import EXTRACTORS, get_extractor
@@ -38,6 +39,10 @@ GREY_SHARE_LIMIT = 0.10
 _DARK, _LIGHT = 32, 223
 # Canny maps are sparse: a map with more edge than background is an inverted one (black on white).
 EDGE_SHARE_LIMIT = 0.5
+
+# Label maps: the highest class id and the other values that are allowed (ADE20K's 255 = unknown).
+LABEL_RANGES = {"ade20k": (150, (255,)), "celebahq-edges": (len(CELEBAHQ_PARTS), ())}
+_LABEL_MODES = ("L", "P", "I", "I;16", "1")
 
 Notice = Callable[[str], None]
 
@@ -129,12 +134,14 @@ def check_condition_image(path: Path, kind: str) -> None:
     """Refuse a condition PNG that is a photo rather than a map of the model's kind.
 
     canny: a binary edge map (white edges on black; grey or coloured pixels only along edges).
-    Label kinds: one channel (grayscale or palette) of class ids.
+    Label kinds: one channel (grayscale or palette) of class ids. A few stray values are left to the
+    loader's own check, which names them.
     """
     try:
         with Image.open(path) as handle:
             mode = handle.mode
             rgb = to_rgb_array(handle) if kind == "canny" else None
+            labels = np.asarray(handle) if kind in LABEL_RANGES and mode in _LABEL_MODES else None
     except OSError as exc:
         raise MidmsError(f"cannot read condition image {path}: {exc}") from exc
     if kind == "canny":
@@ -153,11 +160,19 @@ def check_condition_image(path: Path, kind: str) -> None:
                 f"{path}: {edges:.0%} of its pixels are edges; an edge map is white edges on black "
                 "(invert this one), or, if it is a photo, add --extract"
             )
-    elif kind in ("ade20k", "celebahq-edges") and mode not in ("L", "P", "I", "I;16", "1"):
-        raise MidmsError(
-            f"{path} is a {mode} image, not a {kind!r} label map (one channel of class ids); "
-            f"{_extract_hint(kind)}"
-        )
+    elif kind in LABEL_RANGES:
+        if labels is None:
+            raise MidmsError(
+                f"{path} is a {mode} image, not a {kind!r} label map (one channel of class ids); "
+                f"{_extract_hint(kind)}"
+            )
+        highest, allowed = LABEL_RANGES[kind]
+        stray = (labels > highest) & ~np.isin(labels, allowed)
+        if stray.mean() > GREY_SHARE_LIMIT:
+            raise MidmsError(
+                f"{path} is not a {kind!r} label map ({stray.mean():.0%} of its pixels are no class id "
+                f"0..{highest}); {_extract_hint(kind)}"
+            )
 
 
 def load_condition_file(
