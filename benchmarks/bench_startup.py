@@ -6,7 +6,9 @@ Each command runs in a fresh process (`python -m midms_cli ...`), alternating wi
 `python -c pass` of the same interpreter, so machine load affects both alike. Printed: the
 median wall time of each, the median of the overhead (command minus baseline) and the ratio
 command / baseline; the target is `midms --help` in under 0.5 s, overhead included. Also printed:
-whether the command's process imported torch (it should not, for help).
+whether the command's process imported torch (it should not, for help). Last, what a translation
+imports before it starts (its command module and pipeline) against `python -c "import torch"`, which
+a translation cannot avoid.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ COMMANDS = {
     "midms translate --help": [sys.executable, "-m", "midms_cli", "translate", "--help"],
 }
 BASELINE = [sys.executable, "-c", "pass"]
+TRANSLATE_IMPORTS = [
+    sys.executable, "-c",
+    "from midms_cli.cli.lazy import load_command; load_command('translate');"
+    " import midms_cli.pipelines.translate",
+]
+TORCH = [sys.executable, "-c", "import torch"]
 TARGET_SECONDS = 0.5  # `midms --help`
 
 
@@ -71,6 +79,15 @@ def main() -> None:
         }
         overhead, ratio = median - baseline, median / baseline
         print(f"{name:<24} {median:>9.3f} {overhead:>11.3f} {ratio:>11.1f}  {torch_loaded}")
+    torch_times, translate_times = [], []
+    for _ in range(args.repeat):
+        torch_times.append(wall_time(TORCH))
+        translate_times.append(wall_time(TRANSLATE_IMPORTS))
+    torch_seconds, translate_seconds = statistics.median(torch_times), statistics.median(translate_times)
+    results["translate_imports"] = {"seconds": translate_seconds, "import_torch_seconds": torch_seconds}
+    print(f"{'import torch':<24} {torch_seconds:>9.3f}")
+    print(f"{'translate imports':<24} {translate_seconds:>9.3f} {translate_seconds - torch_seconds:>11.3f} "
+          f"{translate_seconds / torch_seconds:>11.2f}  (overhead and ratio vs import torch)")
     help_seconds = results["commands"]["midms --help"]["seconds"]
     verdict = "meets" if help_seconds < TARGET_SECONDS else "misses"
     print(f"`midms --help` {help_seconds:.3f} s {verdict} the {TARGET_SECONDS} s target")
