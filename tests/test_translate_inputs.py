@@ -136,6 +136,8 @@ def test_pad_and_squash_keep_the_whole_input(files, tmp_path, capsys, fit):
     assert np.flatnonzero(used.max(axis=0)).tolist() == [(SIZE // 2 + 4) // 2]
     if fit == "pad":
         assert used[: SIZE // 4].max() == 0 and "padded to" in err  # zero rows above: no edge
+    else:
+        assert "squashed to a square" in err
 
 
 def test_the_saved_condition_reads_back_to_the_same_image(files, tmp_path, capsys):

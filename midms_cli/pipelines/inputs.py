@@ -189,10 +189,10 @@ def load_condition_file(
         check_condition_image(path, kind)
         with Image.open(path) as handle:
             width, height = handle.size
+        _fit_notice(path, height, width, fit, notice)
         if width == height or fit == "squash":
             return load_condition(path, kind, size)
         # A non-square map is read at its own size, made square, then resized like any condition.
-        _fit_notice(path, height, width, fit, notice)
         return resize_condition(fit_tensor(load_condition(path, kind), fit), kind, size).clamp(0, 1)
     if suffix in (".npy", ".safetensors"):
         condition = load_condition(path, kind)
