@@ -42,7 +42,7 @@ from _common import (  # noqa: E402
 
 
 def synthetic_batch(config, batch: int, seed: int = 1) -> dict:
-    """A training batch of the shard layout: image, cond, ref, ref_cond (spec 3.1)."""
+    """A training batch of the shard layout: image, cond, ref, ref_cond."""
     generator = torch.Generator().manual_seed(seed)
     size, channels = config.image_size, config.correspondence.cond_channels
 

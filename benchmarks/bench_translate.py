@@ -11,7 +11,8 @@ wall time, UNet calls / encodes / decodes counted with forward hooks, the FLOPs 
 (torch's FlopCounterMode, a separate untimed pass), the fp32 and bf16 matmul throughput measured
 in the same process, the resulting efficiency time / (FLOPs / matmul throughput), and ratios
 against two baselines of the same run: the fp32 reference path, and the official code's cost
-(29 UNet calls, 2 encodes, 7 decodes, spec 1.12) emulated from the per-call times just measured.
+(29 UNet calls, 2 encodes, 7 decodes, counted in its sampling code) emulated from the
+per-call times just measured.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from _common import (  # noqa: E402
     verdict,
 )
 
-# The official code's work per image (spec 1.12), against which ours is compared.
+# The official code's work per image, against which ours is compared.
 OFFICIAL_UNET_CALLS, OFFICIAL_ENCODES, OFFICIAL_DECODES = 29, 2, 7
 # Targets of issue #9 (CPU, 2 threads, paper-celebahq unless noted).
 TARGET_UNET_CALLS, TARGET_ENCODES, TARGET_DECODES = 24, 1, 1
@@ -139,7 +140,7 @@ def child(args: argparse.Namespace) -> dict:
 
 def official_emulated(result: dict) -> float:
     """The official code's time for the same image: ours plus the extra UNet calls, encodes and
-    decodes it makes (spec 1.12), each priced at its mean measured time in this run."""
+    decodes it makes, each priced at its mean measured time in this run."""
     per_unet = result["unet_seconds"] / max(result["unet_calls"], 1)
     per_encode = result["encode_seconds"] / max(result["encodes"], 1)
     per_decode = result["decode_seconds"] / max(result["decodes"], 1)

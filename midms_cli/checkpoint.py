@@ -78,6 +78,21 @@ def _independent_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch
     return result
 
 
+def recorded_command(argv: list[str] | None = None) -> list[str]:
+    """The command line as a user would type it again: `midms ARGS` (also for `python -m midms_cli`
+    and an absolute path to the script), else the program's file name and its arguments.
+
+    Never the absolute path of the interpreter or script: that names the machine, not the recipe.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return []
+    program = Path(argv[0]).name
+    if program in ("midms", "__main__.py", "-m"):
+        program = "midms"
+    return [program, *argv[1:]]
+
+
 def provenance(kind: str) -> dict[str, Any]:
     """What identifies a file as ours and records how it was made (style: record what reproduces)."""
     return {
@@ -85,7 +100,7 @@ def provenance(kind: str) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "package_version": midms_cli.__version__,
-        "command": list(sys.argv),
+        "command": recorded_command(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

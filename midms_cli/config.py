@@ -34,7 +34,7 @@ class AutoencoderConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
-    # LDM's scale factor for KL latents; MIDMs' official code ignores it (spec 5.7).
+    # LDM's scale factor for KL latents; MIDMs' official code ignores it.
     scale_factor: float = 1.0
     # kl: encode with the posterior mean ("mode") or a posterior sample (official: "sample").
     posterior: str = "mode"
@@ -75,7 +75,7 @@ class DiffusionConfig:
 
 @dataclass
 class CorrespondenceConfig:
-    """The matching networks of spec 1.4 (condition, latent and iteration encoders, trunk, heads)."""
+    """The matching networks of MIDMs (condition, latent and iteration encoders, trunk, heads)."""
 
     cond_channels: int = 15  # condition channels: CelebA-HQ 15, DeepFashion 20, LSUN 151
     channels: int = 256  # matching feature width (official N_CH)
@@ -83,7 +83,7 @@ class CorrespondenceConfig:
     trunk_blocks: int = 4
     spade_hidden: int = 128
     # How the condition map is brought to the latent grid: "nearest" (official; one pixel of each
-    # f x f cell, so thin edges alias, spec 5.11) or "area" (the mean of each cell).
+    # f x f cell, so thin edges alias) or "area" (the mean of each cell).
     condition_resize: str = "nearest"
 
 
@@ -91,7 +91,7 @@ class CorrespondenceConfig:
 class SamplingConfig:
     """Algorithm 1: the interleaved matching + DDIM loop and the final refinement.
 
-    The defaults are the official bundle; `corrected` fixes the release's quirks (spec 5).
+    The defaults are the official bundle; `corrected` fixes the official release's quirks.
     """
 
     variant: str = "official"  # which bundle the quirk fields below were set from
@@ -99,17 +99,17 @@ class SamplingConfig:
     grid: str = "official"  # "official": arange(0, T, T // S) + 1 (17 points for S=16); "exact": S points
     interleaved_steps: int = 4  # the last steps of the grid that are run (paper: "25% noise level")
     rewarp_positions: tuple[int, ...] = (1, 2)  # loop positions that re-warp (never the last)
-    # "previous": noise to the grid point before the first step (official off-by-one, spec 5.1)
+    # "previous": noise to the grid point before the first step (the official code's off-by-one)
     # "same": noise to the timestep the UNet is told
     noise_offset: str = "previous"
     eta: float = 0.0
     tau: float = 0.005  # warp softmax temperature (official code; the paper omits it)
     flow_tau: float = 0.005  # soft-argmax temperature of the confidence flows
     confidence_masking: bool = True
-    # "official": forward flow sampled at the forward-mapped point (spec 1.9); "cycle": forward-backward
+    # "official": forward flow sampled at the forward-mapped point (official); "cycle": forward-backward
     mask_variant: str = "official"
     mask_threshold: float = 0.5  # in [-1, 1] normalised coordinates
-    # Refinement (spec 1.11): which UNet, on which grid, from where.
+    # Refinement: which UNet, on which grid, from where.
     refine: str = "finetuned"  # "finetuned" (official code), "pretrained" (paper), "none"
     refine_grid_steps: int = 200
     refine_start_index: int = 180  # hijack step: noise at grid[index] (t = 101 officially)
@@ -126,11 +126,11 @@ SAMPLING_BUNDLES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class LossConfig:
-    """Loss weights and layer choices of spec 2.3 (official values)."""
+    """Loss weights and layer choices of the training losses (official values)."""
 
     domain: float = 10.0
     cycle: float = 1.0
-    warmup_cycle_twice: bool = True  # official: the initial cycle loss counts twice in warm-up (spec 5.13)
+    warmup_cycle_twice: bool = True  # official: the initial cycle loss counts twice in warm-up
     source_vgg: float = 1.0
     source_vgg_layers: tuple[str, ...] = ("r12", "r22", "r32", "r42", "r52")
     source_vgg_weights: tuple[float, ...] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
@@ -151,7 +151,7 @@ class LossConfig:
 
 @dataclass
 class TrainingConfig:
-    """Optimiser, schedule and phase control of spec 2.1 and 2.4."""
+    """Optimiser, schedule and phase control of warm-up and end-to-end training."""
 
     batch_size: int = 1
     lr_correspondence: float = 3e-6
@@ -166,7 +166,7 @@ class TrainingConfig:
     max_iters: int = 0  # 0: run `epochs` epochs
     epochs: int = 4
     grad_accumulation: int = 1
-    # Spec 3.1 augmentation of the warm-up and end-to-end batches: resize to load_size, crop back to
+    # The official augmentation of the warm-up and end-to-end batches: resize to load_size, crop back to
     # image_size at a random window (the exemplar draws its own), flip with p = 0.5. 0: no resize.
     load_size: int = 0
     flip: bool = False
@@ -233,7 +233,7 @@ class ModelConfig:
 
 
 def _official_augmentation(config: ModelConfig, load_size: int) -> ModelConfig:
-    """Spec 3.1: resize to `load_size` (0: keep the stored 256), crop 256 at random, flip."""
+    """The official augmentation: resize to `load_size` (0: keep the stored 256), crop 256 at random, flip."""
     config.training.load_size, config.training.flip = load_size, True
     return config
 
@@ -324,7 +324,7 @@ def _tiny() -> ModelConfig:
         checkpoint_every=100,
         sample_every=100,
         seed=2021,
-        # Spec 3.1's resize-and-crop at the official ratio (286 / 256 ~ 72 / 64), the exemplar with its
+        # The official resize-and-crop at its ratio (286 / 256 ~ 72 / 64), the exemplar with its
         # own window, and flips. Without it the matches learn position instead of content: on 48
         # synthfaces pairs 98 % of a 600-step warm-up's matches were the identity and its decoded warp
         # scored 20.47 dB oracle PSNR (exemplar copied: 20.59); with it, after 900 steps, 86 % and 20.74.

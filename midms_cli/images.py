@@ -169,7 +169,7 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
 def load_image(
     path: str | os.PathLike, size: int | tuple[int, int] | None = None, *, limit: int | None = None
 ) -> torch.Tensor:
-    """Any common image file as a (3, H, W) float tensor in [-1, 1], optionally bicubic-resized (spec 3.1)."""
+    """Any common image file as a (3, H, W) float tensor in [-1, 1], optionally bicubic-resized."""
     image = open_image(path, limit)
     rgb = Image.fromarray(to_rgb_array(image))
     if size is not None:
@@ -205,10 +205,10 @@ def save_png(tensor: torch.Tensor, path: str | os.PathLike) -> None:
 def resize(tensor: torch.Tensor, size: int | tuple[int, int], mode: str) -> torch.Tensor:
     """Resize a (C, H, W) or (B, C, H, W) tensor to `size` (an int for square, or (H, W)).
 
-    * "bicubic": photos (spec 3.1); antialiased when shrinking; may overshoot the input range.
-    * "bilinear": distance maps (spec 3.2); antialiased when shrinking.
+    * "bicubic": photos, as the official loaders; antialiased when shrinking; may overshoot the input range.
+    * "bilinear": distance maps, as the official loaders; antialiased when shrinking.
     * "nearest": label, one-hot and edge maps; torch's legacy rule (floor(i * in / out)), as the
-      official model uses for c -> latent grid (spec 1.1).
+      official model uses for c -> latent grid.
     * "nearest-exact": nearest with pixel centres aligned, PIL's NEAREST rule (load-time maps).
     Integer and bool tensors keep their dtype (only nearest modes are allowed for them).
     """

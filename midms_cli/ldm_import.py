@@ -1,4 +1,4 @@
-"""Import a latent-diffusion model (config.yaml + model.ckpt) as a midms safetensors file (architecture 5).
+"""Import a latent-diffusion model (config.yaml + model.ckpt) as a midms safetensors file.
 
 Two inputs are accepted: a full LatentDiffusion checkpoint (first stage + UNet, e.g. celeba256,
 lsun_churches) and a first-stage-only one (VQModel / AutoencoderKL, e.g. vq-f4, kl-f8). The YAML is

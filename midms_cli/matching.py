@@ -92,7 +92,7 @@ def back_warp(
 ) -> Tensor:
     """Warp a query-frame map back to the exemplar frame with the transposed correlation Cᵀ.
 
-    The cycle loss of Eq. 13 compares back_warp(soft_warp(z_y)) with z_y (spec 1.5).
+    The cycle loss of Eq. 13 compares back_warp(soft_warp(z_y)) with z_y.
     """
     return soft_warp(warped, f_y, f_x, tau, chunk_size)
 
@@ -133,7 +133,7 @@ def sample_field(field: Tensor, locations: Tensor) -> Tensor:
 def consistency_error(flow_fwd: Tensor, map_fwd: Tensor, flow_bwd: Tensor | None = None) -> Tensor:
     """The error e(p) of Eq. 10, shape (B, 1, H, W).
 
-    Without `flow_bwd` (official `fbcheck`, spec 1.9): e = ‖flow_fwd(p) + S(flow_fwd, map_fwd(p))‖,
+    Without `flow_bwd` (the official code's `fbcheck`): e = ‖flow_fwd(p) + S(flow_fwd, map_fwd(p))‖,
     the forward flow sampled again at the forward-mapped point. With `flow_bwd` (the cycle check
     the paper describes): e = ‖flow_fwd(p) + S(flow_bwd, map_fwd(p))‖.
     """
@@ -159,7 +159,7 @@ def confidence_mask(
     """Eq. 10: M(p) = 1[e(p) < γ], γ = 0.5 in [−1, 1] units, then 2x2 majority smoothing.
 
     variant "official" uses the release's forward-only check, "cycle" the forward-backward check.
-    Returns a detached (B, 1, H_x, W_x) float mask of 0s and 1s (spec 1.9, 2.6).
+    Returns a detached (B, 1, H_x, W_x) float mask of 0s and 1s (no gradient flows through it, as officially).
     """
     if variant not in MASK_VARIANTS:
         raise ValueError(f"mask variant must be one of {MASK_VARIANTS}, got {variant!r}")

@@ -1,24 +1,21 @@
-"""The registry of pretrained networks that only a user can supply (architecture 6).
+"""Pretrained networks that only a user can supply: find, verify, store and load them.
 
-Each artefact names the file(s) users have, the checksum where one is published, the key layout
-its loader expects and a download URL where one is known. `add_weight` verifies a file and stores
-its tensors as `$MIDMS_HOME/weights/NAME.safetensors` (never a pickle); `fetch_weight` downloads
-with HTTP Range resume first. Third-party checkpoints are read with torch.load(weights_only=True).
+The artefacts and their files are listed in `midms_cli.weight_registry`. `add_weight` verifies a
+file and stores its tensors as `$MIDMS_HOME/weights/NAME.safetensors` (never a pickle);
+`fetch_weight` downloads with HTTP Range resume first. An original file already in the torch hub
+cache or the Hugging Face cache is found there (offline, by file name, then verified by checksum
+and key layout) and stored on first use, so nothing is asked for that is already on disk.
+Third-party checkpoints are read with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,242 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from midms_cli.atomic import atomic_path
+from midms_cli.downloads import download_once, download_progress
 from midms_cli.errors import MidmsError
 from midms_cli.paths import weights_dir
+from midms_cli.weight_registry import REGISTRY, Artefact, Source  # noqa: F401  (this module's API too)
 
 FORMAT_VERSION = "1"
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Source:
-    """One file a user may have for an artefact, and how to recognise it.
-
-    `sha256` is a full published digest; `sha256_prefix` is the leading hex digits that the file's
-    own name carries under the torch.hub / OpenMMLab convention `name-<sha256 prefix>.ext`.
-    `marker_key` is a state-dict key every file of this layout has, checked after loading.
-    """
-
-    filename: str
-    layout: str
-    marker_key: str
-    url: str | None = None
-    sha256: str | None = None
-    sha256_prefix: str | None = None
-    origin: str = ""
-
-    @property
-    def checksum(self) -> str | None:
-        """The digest (or digest prefix) to compare with, None when none is published."""
-        return self.sha256 or self.sha256_prefix
-
-    def matches(self, digest: str) -> bool:
-        return self.checksum is not None and digest.startswith(self.checksum)
-
-
-@dataclass(frozen=True)
-class Artefact:
-    name: str
-    description: str
-    used_by: str
-    sources: tuple[Source, ...]
-
-    @property
-    def url(self) -> str | None:
-        return next((source.url for source in self.sources if source.url), None)
-
-
-_TORCHVISION = "https://download.pytorch.org/models/"
-_LDM = "https://ommer-lab.com/files/latent-diffusion/"
-_LPIPS = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/"
-_SWIN_S = (
-    "https://download.openmmlab.com/mmsegmentation/v0.5/swin/"
-    "upernet_swin_small_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K/"
-    "upernet_swin_small_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192015-ee2fff1c.pth"
-)
-
-REGISTRY: dict[str, Artefact] = {
-    artefact.name: artefact
-    for artefact in (
-        Artefact(
-            "vgg19",
-            "VGG19 ImageNet features",
-            "training losses (spec 2.5), style metrics",
-            (
-                Source(
-                    "vgg19-dcbb9e9d.pth",
-                    "torchvision-vgg19",
-                    "features.0.weight",
-                    url=_TORCHVISION + "vgg19-dcbb9e9d.pth",
-                    sha256_prefix="dcbb9e9d",
-                    origin="torchvision",
-                ),
-                Source(
-                    "vgg19_conv.pth", "cocosnet-vgg19", "conv1_1.weight", origin="CoCosNet models/ (spec 3.6)"
-                ),
-            ),
-        ),
-        Artefact(
-            "inception-fid",
-            "Inception-v3 ported from TensorFlow's FID graph",
-            "FID",
-            (
-                Source(
-                    "pt_inception-2015-12-05-6726825d.pth",
-                    "pytorch-fid-inception",
-                    "Conv2d_1a_3x3.conv.weight",
-                    url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                    "pt_inception-2015-12-05-6726825d.pth",
-                    sha256_prefix="6726825d",
-                    origin="pytorch-fid",
-                ),
-            ),
-        ),
-        Artefact(
-            "lpips-vgg",
-            "LPIPS v0.1 linear heads on VGG16",
-            "LPIPS diversity",
-            (
-                Source(
-                    "vgg.pth",
-                    "lpips-linear",
-                    "lin0.model.1.weight",
-                    url=_LPIPS + "vgg.pth",
-                    origin="LPIPS v0.1",
-                ),
-            ),
-        ),
-        Artefact(
-            "lpips-alex",
-            "LPIPS v0.1 linear heads on AlexNet",
-            "LPIPS diversity",
-            (
-                Source(
-                    "alex.pth",
-                    "lpips-linear",
-                    "lin0.model.1.weight",
-                    url=_LPIPS + "alex.pth",
-                    origin="LPIPS v0.1",
-                ),
-            ),
-        ),
-        Artefact(
-            "alexnet",
-            "AlexNet ImageNet backbone of lpips-alex",
-            "LPIPS diversity",
-            (
-                Source(
-                    "alexnet-owt-7be5be79.pth",
-                    "torchvision-alexnet",
-                    "features.0.weight",
-                    url=_TORCHVISION + "alexnet-owt-7be5be79.pth",
-                    sha256_prefix="7be5be79",
-                    origin="torchvision",
-                ),
-            ),
-        ),
-        Artefact(
-            "vgg16",
-            "VGG16 ImageNet backbone of lpips-vgg",
-            "LPIPS (VGG variant)",
-            (
-                Source(
-                    "vgg16-397923af.pth",
-                    "torchvision-vgg16",
-                    "features.0.weight",
-                    url=_TORCHVISION + "vgg16-397923af.pth",
-                    sha256_prefix="397923af",
-                    origin="torchvision",
-                ),
-            ),
-        ),
-        Artefact(
-            "openpose-body",
-            "OpenPose body-25 COCO-18 keypoint network",
-            "DeepFashion pose conditions",
-            (
-                Source(
-                    "body_pose_model.pth",
-                    "openpose-body",
-                    "conv1_1.weight",
-                    url="https://huggingface.co/lllyasviel/Annotators/resolve/main/body_pose_model.pth",
-                    origin="pytorch-openpose",
-                ),
-            ),
-        ),
-        Artefact(
-            "swin-s-ade20k",
-            "UperNet Swin-S ADE20K segmenter",
-            "LSUN segmentation conditions and loss",
-            (
-                Source(
-                    _SWIN_S.rsplit("/", 1)[1],
-                    "mmseg-upernet-swin",
-                    "decode_head.conv_seg.weight",
-                    url=_SWIN_S,
-                    sha256_prefix="ee2fff1c",
-                    origin="mmsegmentation v0.5",
-                ),
-            ),
-        ),
-        Artefact(
-            "ldm-celeba256",
-            "LDM CelebA-HQ 256 (VQ-f4 first stage + UNet)",
-            "first stage + UNet",
-            (
-                Source(
-                    "celeba.zip",
-                    "ldm-latent-diffusion",
-                    "model.diffusion_model.input_blocks.0.0.weight",
-                    url=_LDM + "celeba.zip",
-                    origin="CompVis latent-diffusion",
-                ),
-            ),
-        ),
-        Artefact(
-            "ldm-lsun-churches",
-            "LDM LSUN-Churches 256 (KL-f8 first stage + UNet)",
-            "first stage + UNet",
-            (
-                Source(
-                    "lsun_churches.zip",
-                    "ldm-latent-diffusion",
-                    "model.diffusion_model.input_blocks.0.0.weight",
-                    url=_LDM + "lsun_churches.zip",
-                    origin="CompVis latent-diffusion",
-                ),
-            ),
-        ),
-        Artefact(
-            "vq-f4",
-            "LDM VQ-f4 autoencoder (Z=8192, d=3)",
-            "first stage pretraining",
-            (
-                Source(
-                    "vq-f4.zip",
-                    "ldm-vq",
-                    "quantize.embedding.weight",
-                    url=_LDM + "vq-f4.zip",
-                    origin="CompVis latent-diffusion",
-                ),
-            ),
-        ),
-        Artefact(
-            "kl-f8",
-            "LDM KL-f8 autoencoder",
-            "first stage pretraining",
-            (
-                Source(
-                    "kl-f8.zip",
-                    "ldm-kl",
-                    "quant_conv.weight",
-                    url=_LDM + "kl-f8.zip",
-                    origin="CompVis latent-diffusion",
-                ),
-            ),
-        ),
-    )
-}
 
 
 # Looking things up.
@@ -282,16 +50,48 @@ def stored_path(name: str) -> Path:
 
 
 def _torch_hub_dir() -> Path:
+    """torch.hub's download folder: $TORCH_HOME/hub/checkpoints (torch's own default rules)."""
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "torch"
     )
     return Path(torch_home).expanduser() / "hub" / "checkpoints"
 
 
+def _hugging_face_hub_dir() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "huggingface"
+    )
+    return Path(hf_home).expanduser() / "hub"
+
+
 def originals_found(name: str) -> list[Path]:
-    """Unconverted original files already on disk (torch.hub's cache), to suggest to `add`."""
-    hub = _torch_hub_dir()
-    return [hub / source.filename for source in artefact(name).sources if (hub / source.filename).is_file()]
+    """Original files of `name` already on disk: in torch.hub's cache (`checkpoints/FILE`) and in
+    the Hugging Face cache (`models--ORG--REPO/snapshots/REVISION/.../FILE`), by file name."""
+    hub, hugging_face = _torch_hub_dir(), _hugging_face_hub_dir()
+    found = []
+    for source in artefact(name).sources:
+        if (hub / source.filename).is_file():
+            found.append(hub / source.filename)
+        if hugging_face.is_dir():
+            snapshots = hugging_face.glob(f"*/snapshots/*/**/{source.filename}")
+            found += sorted(path for path in snapshots if path.is_file())
+    return found
+
+
+def adopt_original(name: str) -> Path | None:
+    """Store the first original of `name` found in a cache that passes `add_weight`'s checks
+    (checksum where published, key layout); None when there is none. Says so on stderr."""
+    for original in originals_found(name):
+        try:
+            result = add_weight(name, original)
+        except MidmsError:  # same name, other content: not ours to use
+            continue
+        sys.stderr.write(f"note: stored {name} from {original} (verified: {result['verified']})\n")
+        return Path(result["path"])
+    return None
 
 
 def weight_status() -> list[dict[str, Any]]:
@@ -332,10 +132,16 @@ def _how_to_get(name: str) -> str:
     return hint
 
 
+def weight_available(name: str) -> bool:
+    """Whether `name` is stored, or can be stored now from an original in a cache (see above)."""
+    return stored_path(name).is_file() or adopt_original(name) is not None
+
+
 def require_weight(name: str) -> Path:
-    """The stored file of `name`; a user error saying how to add it when it is missing."""
+    """The stored file of `name` (stored from a cache first if an original is there); a user error
+    saying how to add it when it is missing."""
     path = stored_path(name)
-    if not path.is_file():
+    if not path.is_file() and adopt_original(name) is None:
         raise MidmsError(f"weights {name!r} not found at {path}; {_how_to_get(name)}")
     return path
 
@@ -479,40 +285,6 @@ def add_weight(name: str, file: Path, digest: str | None = None) -> dict[str, An
 # Downloading.
 
 
-def _download_once(url: str, part: Path, progress: Callable[[int, int | None], None]) -> bool:
-    """Append the rest of `url` to `part` (HTTP Range when part is non-empty); True when complete."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "midms"})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416:  # the part file already holds the whole resource
-            return True
-        raise MidmsError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise MidmsError(f"cannot reach {url}: {exc}") from exc
-    with response:
-        if have and response.status != 206:  # the server ignored Range: start again
-            have = 0
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        received = have
-        progress(received, total)
-        with open(part, "ab" if have else "wb") as handle:
-            try:
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    handle.write(block)
-                    received += len(block)
-                    progress(received, total)
-            except (http.client.IncompleteRead, ConnectionError, TimeoutError) as exc:
-                if isinstance(exc, http.client.IncompleteRead):
-                    handle.write(exc.partial)
-                return False
-    return total is None or received >= total
-
-
 def fetch_weight(name: str, attempts: int = 3, url: str | None = None) -> dict[str, Any]:
     """Download `name` (resuming a partial `.part` file), verify its checksum, then `add_weight`.
 
@@ -528,9 +300,9 @@ def fetch_weight(name: str, attempts: int = 3, url: str | None = None) -> dict[s
     downloads.mkdir(parents=True, exist_ok=True)
     part = downloads / f"{source.filename}.part"
     complete = False
-    with _DownloadProgress(source.filename) as progress:
+    with download_progress(source.filename) as progress:
         for _ in range(attempts):
-            if _download_once(url, part, progress):
+            if download_once(url, part, progress):
                 complete = True
                 break
     if not complete:
@@ -548,32 +320,3 @@ def fetch_weight(name: str, attempts: int = 3, url: str | None = None) -> dict[s
         return add_weight(name, downloaded, digest)
     finally:
         downloaded.unlink(missing_ok=True)
-
-
-class _DownloadProgress:
-    """A tqdm byte counter on stderr, as a context manager yielding update(received, total)."""
-
-    def __init__(self, label: str):
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            desc=label,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            disable=None,
-            leave=False,
-        )
-
-    def __enter__(self) -> Callable[[int, int | None], None]:
-        def update(received: int, total: int | None) -> None:
-            if total is not None and self._bar.total != total:
-                self._bar.total = total
-            self._bar.n = received
-            self._bar.refresh()
-
-        return update
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._bar.close()

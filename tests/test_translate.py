@@ -168,8 +168,16 @@ def test_save_steps_writes_the_strip(files, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    # 4 interleaved steps as rows; warp, mask and x0-prediction as columns.
-    assert png_size(tmp_path / "out.steps.png") == (3 * SIZE, 4 * SIZE)
+    # 4 interleaved steps as rows; warp, mask and x0-prediction as columns; titles above and left.
+    from midms_cli.pipelines.step_strip import HEADER_HEIGHT, LABEL_WIDTH
+
+    assert png_size(tmp_path / "out.steps.png") == (LABEL_WIDTH + 3 * SIZE, HEADER_HEIGHT + 4 * SIZE)
+    pixels = np.asarray(Image.open(tmp_path / "out.steps.png").convert("L"))
+    header, labels = pixels[:HEADER_HEIGHT, LABEL_WIDTH:], pixels[HEADER_HEIGHT:, :LABEL_WIDTH]
+    for block in [header[:, i * SIZE : (i + 1) * SIZE] for i in range(3)] + [
+        labels[i * SIZE : (i + 1) * SIZE] for i in range(4)
+    ]:  # every column and every row has its title: dark text on white
+        assert block.max() == 255 and block.min() < 100
 
 
 def test_pairs_file_and_folders_match_single_mode(files, tmp_path, capsys):

@@ -28,6 +28,7 @@ def cache(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("MIDMS_HOME", str(home))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "huggingface"))
     return home
 
 
@@ -110,6 +111,48 @@ def test_list_points_at_an_original_in_the_torch_hub_cache(capsys, tmp_path):
     _, out, _ = run(capsys, "--json", "weights", "list")
     rows = {row["name"]: row for row in json.loads(out)["weights"]}
     assert rows["alexnet"]["originals_found"] == [str(hub / "alexnet-owt-7be5be79.pth")]
+
+
+def test_an_original_in_the_torch_hub_cache_is_stored_on_first_use(tmp_path, monkeypatch, capsys):
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    original = save_state(hub / "alexnet-owt-7be5be79.pth", alexnet_like())
+    pin_checksum(monkeypatch, "alexnet", sha256(original))
+    path = weights.require_weight("alexnet")  # no `weights add`: found in the cache, offline
+    assert path == weights.stored_path("alexnet") and path.is_file()
+    stored = weights.load_weight("alexnet")["features.0.weight"]
+    assert torch.equal(stored, alexnet_like()["features.0.weight"])
+    assert "note: stored alexnet from" in capsys.readouterr().err
+
+
+def test_metrics_count_a_cached_original_as_available(tmp_path, monkeypatch):
+    from midms_cli.metrics import METRICS, missing_weights
+
+    name = next(metric for metric, spec in METRICS.items() if "alexnet" in spec.weights)  # LPIPS
+    assert "alexnet" in missing_weights(name)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    pin_checksum(monkeypatch, "alexnet", sha256(save_state(hub / "alexnet-owt-7be5be79.pth", alexnet_like())))
+    assert "alexnet" not in missing_weights(name)
+
+
+def test_a_cached_file_with_the_wrong_checksum_is_not_used(tmp_path, monkeypatch):
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    save_state(hub / "alexnet-owt-7be5be79.pth", alexnet_like())  # its sha256 does not start 7be5be79
+    with pytest.raises(MidmsError, match="midms weights add alexnet FILE"):
+        weights.require_weight("alexnet")
+    assert not weights.stored_path("alexnet").exists()
+
+
+def test_an_original_in_the_hugging_face_cache_is_found(tmp_path):
+    snapshot = tmp_path / "huggingface" / "models--lllyasviel--Annotators" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    original = save_state(snapshot / "body_pose_model.pth", {"conv1_1.weight": torch.ones(2, 3, 3, 3)})
+    assert weights.originals_found("openpose-body") == [original]
+    stored = weights.require_weight("openpose-body")  # no published checksum: name and key layout
+    assert weights.weight_metadata("openpose-body")["source_file"] == "body_pose_model.pth"
+    assert stored == weights.stored_path("openpose-body")
 
 
 # add / path / require / load

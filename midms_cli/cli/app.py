@@ -9,15 +9,8 @@ import traceback
 import typer
 from rich.markup import escape
 
-from midms_cli.cli import demo as demo_commands
-from midms_cli.cli import eval as eval_commands
-from midms_cli.cli import import_ldm as import_ldm_commands
-from midms_cli.cli import import_midms as import_midms_commands
-from midms_cli.cli import info as info_commands
-from midms_cli.cli import prepare as prepare_commands
-from midms_cli.cli import train as train_commands
-from midms_cli.cli import translate as translate_commands
-from midms_cli.cli import weights as weights_commands
+import midms_cli
+from midms_cli.cli.lazy import LazyGroup
 from midms_cli.cli.state import STATE, err_console
 from midms_cli.errors import MidmsError
 
@@ -27,8 +20,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # Click's own help layout: at any width it wraps the descriptions, never cuts an option name,
+    # and shows no value placeholder for flags (typer's rich panels did both at 80 columns).
+    rich_markup_mode=None,
+    cls=LazyGroup,  # commands are imported when they run, so `midms --help` starts fast
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"midms {midms_cli.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -41,22 +44,14 @@ def _global_options(
         0, "--verbose", "-v", count=True, help="More log lines on stderr (repeatable)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     STATE.json = json_output
     STATE.debug = debug
     STATE.verbose = verbose
     STATE.device = device
-
-
-info_commands.register(app)
-demo_commands.register(app)
-train_commands.register(app)
-translate_commands.register(app)
-eval_commands.register(app)
-prepare_commands.register(app)
-weights_commands.register(app)
-import_ldm_commands.register(weights_commands.weights_app)
-import_midms_commands.register(weights_commands.weights_app)
 
 
 # Global options are accepted anywhere before "--" (`midms info --json` as well as `midms --json info`):

@@ -1,4 +1,5 @@
-"""`midms eval`: evaluate a model on a prepared split, or compare two image folders (architecture 7).
+"""`midms eval`: evaluate a model on a prepared split, or compare two image folders, with the
+paper's metrics.
 
 The metric choices and their help come from the registry `midms_cli.metrics.METRICS`.
 """
@@ -65,6 +66,31 @@ def _report_line(line: str) -> None:
 
 def _format(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def check_model_and_split(model: Path | None, data: Path, split: str) -> None:
+    """Before any work: the split holds samples, and of the condition the model was trained on."""
+    from midms_cli.checkpoint import read_metadata
+    from midms_cli.data.shards import read_index
+    from midms_cli.pipelines.translate import MODEL_KIND, resolve_model_file
+
+    index = read_index(data, split)
+    count = index.get("count", sum(shard.get("count", 0) for shard in index["shards"]))
+    if not count:
+        raise MidmsError(
+            f"split {split!r} of {data} holds no samples; prepare it from more source items, "
+            "or choose another --split"
+        )
+    model_file = resolve_model_file(model)
+    config = read_metadata(model_file, expected_kind=MODEL_KIND).get("config", {})
+    wanted = (config.get("condition"), config.get("correspondence", {}).get("cond_channels"))
+    held = (index.get("condition", {}).get("kind"), index.get("condition", {}).get("channels"))
+    if None not in wanted + held and wanted != held:
+        raise MidmsError(
+            f"the model {model_file} takes {wanted[0]!r} conditions ({wanted[1]} channels) but "
+            f"{data}/{split} holds {held[0]!r} ({held[1]} channels); evaluate it on shards prepared "
+            f"with its condition, or give the model trained on these"
+        )
 
 
 def eval_command(
@@ -164,6 +190,7 @@ def eval_command(
         return
     if data is None:
         raise MidmsError("give --data DIR (prepared shards) to evaluate a model, or --real DIR --fake DIR")
+    check_model_and_split(model, data, split)
     from midms_cli.pipelines.evaluate import evaluate_model
 
     with progress_bar(

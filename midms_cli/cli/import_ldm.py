@@ -8,24 +8,25 @@ import typer
 from rich.table import Table
 
 from midms_cli.cli.state import emit
-from midms_cli.ldm_import import import_ldm
 
 
 def import_ldm_command(
     config: Path = typer.Option(..., "--config", help="The model's latent-diffusion config.yaml."),
     ckpt: Path = typer.Option(..., "--ckpt", help="The matching model.ckpt (read with weights_only=True)."),
-    out: Path = typer.Option(..., "--out", help="Where to write the midms .safetensors file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the midms .safetensors file."),
     ema: bool = typer.Option(
         False,
         "--ema/--no-ema",
         help="Take the UNet from the EMA copy (model_ema.*) instead of the regular weights. Default "
-        "--no-ema: MIDMs' official code uses the regular weights (spec 1.2); LDM's own sampler uses EMA.",
+        "--no-ema: MIDMs' official code fine-tunes from the regular weights; LDM's own sampler uses EMA.",
     ),
 ) -> None:
     """Import a latent-diffusion model (full LDM or first stage only) with every key and shape checked.
 
     Example: midms weights import-ldm --config config.yaml --ckpt model.ckpt --out ldm-celeba256.safetensors
     """
+    from midms_cli.ldm_import import import_ldm
+
     result = import_ldm(config, ckpt, out, ema=ema)
     table = Table(show_header=False, box=None)
     table.add_row("[bold]written[/bold]", result["out"])

@@ -10,7 +10,6 @@ from rich.table import Table
 from midms_cli.cli.state import emit
 from midms_cli.conditions import CONDITIONS
 from midms_cli.errors import MidmsError
-from midms_cli.midms_import import import_midms
 
 
 def import_midms_command(
@@ -18,7 +17,7 @@ def import_midms_command(
     ldm: Path = typer.Option(
         ..., "--ldm", help="The LDM it was fine-tuned from (`midms weights import-ldm`)."
     ),
-    out: Path = typer.Option(..., "--out", help="Where to write the midms model file (.safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the midms model file (.safetensors)."),
     condition: str | None = typer.Option(
         None, "--condition", help=f"Condition kind ({', '.join(CONDITIONS)}); default from the channel count."
     ),
@@ -29,6 +28,8 @@ def import_midms_command(
     """
     if condition is not None and condition not in CONDITIONS:
         raise MidmsError(f"--condition {condition!r}: choose one of {', '.join(CONDITIONS)}")
+    from midms_cli.midms_import import import_midms
+
     result = import_midms(checkpoint, ldm, out, condition)
     table = Table(show_header=False, box=None)
     table.add_row("[bold]written[/bold]", result["out"])

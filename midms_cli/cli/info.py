@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 import torch
 import typer
@@ -22,8 +23,23 @@ def _weights_found() -> list[str]:
     return [row["name"] for row in weight_status() if row["present"]]
 
 
+def _bundled_model() -> dict[str, Any] | None:
+    """The model `translate` and `eval` use without --model: where it is and what it translates."""
+    from midms_cli.checkpoint import read_metadata
+    from midms_cli.pipelines.translate import BUNDLED_MODEL, MODEL_KIND
+
+    if not BUNDLED_MODEL.is_file():
+        return None
+    config = read_metadata(BUNDLED_MODEL, expected_kind=MODEL_KIND).get("config", {})
+    return {
+        "path": str(BUNDLED_MODEL),
+        "condition": config.get("condition"),
+        "image_size": config.get("image_size"),
+    }
+
+
 def info() -> None:
-    """Versions, device, CPU threads, cache directory, dataset plugins and weights found.
+    """Versions, device, CPU threads, cache directory, dataset plugins, models and weights found.
 
     Example: midms info --json
     """
@@ -40,11 +56,19 @@ def info() -> None:
         "cache_dir": str(midms_home()),
         "dataset_plugins": sorted(plugins.plugins),
         "broken_plugins": plugins.broken,
+        "bundled_model": _bundled_model(),
         "weights": _weights_found(),
     }
     table = Table(show_header=False, box=None)
     for key, value in result.items():
-        if isinstance(value, list):
+        if key == "weights":  # the bundled model needs none; `weights list` says what each is for
+            value = ", ".join(value) or "none added (see `midms weights list`)"
+        elif key == "bundled_model":
+            value = "none" if value is None else (
+                f"{value['condition']} -> image, {value['image_size']} px, at {value['path']} "
+                "(used when --model is not given)"
+            )
+        elif isinstance(value, list):
             value = ", ".join(value) or "none"
         elif isinstance(value, dict):
             value = "; ".join(f"{k}: {v}" for k, v in value.items()) or "none"

@@ -16,7 +16,7 @@ import typer
 import typer.main
 from typer.core import TyperGroup
 
-from midms_cli.cli.state import emit, progress_bar
+from midms_cli.cli.state import emit, err_console, progress_bar
 from midms_cli.data.plugin import SPLITS, PluginOption
 from midms_cli.data.registry import discover, get_plugin
 from midms_cli.errors import MidmsError
@@ -104,6 +104,13 @@ def _run(name: str, params: dict[str, Any]) -> None:
             bar.console.print(line, soft_wrap=True, highlight=False)
 
         result = prepare(config, plugin, progress=progress, report=report)
+    for split_name, s in result["splits"].items():
+        if not s["count"]:  # e.g. a handful of photos, hashed into splits, leaves val empty
+            err_console.print(
+                f"warning: split {split_name!r} has 0 samples; `midms eval` and training need some: "
+                "give more source items (or the plugin's split lists, see --help)",
+                highlight=False, markup=False, soft_wrap=True,
+            )
     lines = [f"{split_name}: {s['count']} samples in {s['shards']} shard(s)"
              + (f", {s['skipped']} skipped" if s["skipped"] else "")
              for split_name, s in result["splits"].items()]  # fmt: skip
@@ -127,7 +134,7 @@ def _typer_command(
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     command.__doc__ = help_text
-    mini = typer.Typer(rich_markup_mode="rich", add_completion=False)
+    mini = typer.Typer(rich_markup_mode=None, add_completion=False)
     # A broken plugin's command accepts any arguments, so its error (not "no such option") is shown.
     settings = {"allow_extra_args": True, "ignore_unknown_options": True} if lenient else None
     mini.command(name=name, context_settings=settings)(command)
@@ -174,7 +181,7 @@ class PrepareGroup(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-prepare_app = typer.Typer(cls=PrepareGroup, no_args_is_help=True, rich_markup_mode="rich")
+prepare_app = typer.Typer(cls=PrepareGroup, no_args_is_help=True, rich_markup_mode=None)
 
 
 @prepare_app.callback()

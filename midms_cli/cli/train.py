@@ -27,6 +27,7 @@ pretrain_app = typer.Typer(
     name="pretrain",
     help="Pretrain the first stage or the latent diffusion model (when no LDM weights exist).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 _PRESET_HELP = f"Model preset: {', '.join(PRESETS)}."
@@ -349,7 +350,7 @@ def warmup_command(
     dry_run: DryRun = False,
     trace: Trace = False,
 ) -> None:
-    """Warm up the correspondence networks with the diffusion UNet frozen (spec 2.1).
+    """Warm up the correspondence networks with the diffusion UNet frozen (the paper's first phase).
 
     Example: midms warmup --data shards/synth --base runs/ldm --out runs/warm --iters 200
     """
@@ -440,7 +441,7 @@ def train_command(
     dry_run: DryRun = False,
     trace: Trace = False,
 ) -> None:
-    """Train MIDMs end to end: the interleaved loop unrolled with gradients (spec 2.2).
+    """Train MIDMs end to end: the interleaved loop unrolled with gradients (the paper's second phase).
 
     Example: midms train --data shards/synth --init runs/warm --out runs/midms --iters 400
     """

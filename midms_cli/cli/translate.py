@@ -5,27 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from midms_cli import distributed
-from midms_cli.cli.state import STATE, emit, progress_bar
-from midms_cli.config import SAMPLING_BUNDLES
-from midms_cli.devices import resolve_device
+from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.errors import MidmsError
-from midms_cli.models.midm import PRECISIONS
-from midms_cli.pipelines.translate import (
-    Pair,
-    TranslateOptions,
-    load_midm,
-    load_pretrained_unet,
-    pairs_from_folders,
-    read_pairs_file,
-    resolve_model_file,
-    sampling_settings,
-    translate_pairs,
-)
-from midms_cli.pipelines.translate_parallel import rank_device, translate_pairs_data_parallel
-from midms_cli.sampler import NOISE_ORDERS, REFINERS
+
+# The choices are spelled out here so that `midms translate --help` does not import torch;
+# tests/test_translate_inputs.py checks them against the modules that define them.
+SAMPLING_BUNDLES = ("official", "corrected")  # midms_cli.config.SAMPLING_BUNDLES
+PRECISIONS = ("fp32", "fp32-cl", "bf16")  # midms_cli.models.midm.PRECISIONS
+REFINERS = ("finetuned", "pretrained", "none")  # midms_cli.sampler.REFINERS
+FITS = ("crop", "pad", "squash")  # midms_cli.pipelines.inputs.FITS
+NOISE_ORDERS = ("midms", "official")  # midms_cli.sampler.NOISE_ORDERS
 
 _SAMPLER = "Sampler"
 _BATCH = "Batch mode"
@@ -38,8 +28,10 @@ def _plan(
     out_dir: Path | None,
     pairs: Path | None,
     ref_cond: Path | None,
-) -> list[Pair]:
-    """The jobs of this invocation: a pairs file, two folders, or one pair."""
+) -> list:
+    """The jobs of this invocation (pipelines.inputs.Pair): a pairs file, two folders, or one pair."""
+    from midms_cli.pipelines.inputs import Pair, pairs_from_folders, read_pairs_file
+
     if pairs is not None:
         if condition is not None or exemplar is not None:
             raise MidmsError("give either --pairs FILE or COND and REF, not both")
@@ -84,7 +76,15 @@ def translate_command(
     ref_cond: Path | None = typer.Option(
         None, "--ref-cond", help="The exemplar's own condition file (default: computed from the photo)."
     ),
-    size: int | None = typer.Option(None, "--size", help="Working image size (default: the model's)."),
+    size: int | None = typer.Option(
+        None, "--size", help="Working image size (default: the model's training size; others warn)."
+    ),
+    resize: str = typer.Option(
+        "crop",
+        "--resize",
+        help="How non-square inputs become square: crop (the centred square), pad (borders added) "
+        "or squash (both sides resized apart).",
+    ),
     steps: int | None = typer.Option(
         None, "--steps", help="Interleaved DDIM steps (official 4).", rich_help_panel=_SAMPLER
     ),
@@ -130,7 +130,15 @@ def translate_command(
         rich_help_panel=_SAMPLER,
     ),
     save_steps: bool = typer.Option(
-        False, "--save-steps", help="Also write OUT.steps.png: warp, mask and x0-prediction of every step."
+        False,
+        "--save-steps",
+        help="Also write OUT.steps.png: warp, mask and x0-prediction of every step, labelled.",
+    ),
+    save_condition: Path | None = typer.Option(
+        None,
+        "--save-condition",
+        help="Also write the condition the model was given (e.g. the edges --extract computed) "
+        "to this .png, .npy or .safetensors file; it reads back as COND.",
     ),
     pairs: Path | None = typer.Option(
         None, "--pairs", help="Pairs list: 'COND REF [REF_COND]' per line.", rich_help_panel=_BATCH
@@ -147,8 +155,25 @@ def translate_command(
         raise MidmsError(f"--variant {variant!r}: choose one of {', '.join(SAMPLING_BUNDLES)}")
     if precision not in PRECISIONS:
         raise MidmsError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if noise_order not in NOISE_ORDERS:  # noise order
+    if noise_order not in NOISE_ORDERS:
         raise MidmsError(f"--noise-order {noise_order!r}: choose one of {', '.join(NOISE_ORDERS)}")
+    if resize not in FITS:
+        raise MidmsError(f"--resize {resize!r}: choose one of {', '.join(FITS)}")
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from midms_cli import distributed
+    from midms_cli.devices import resolve_device
+    from midms_cli.pipelines.translate import (
+        TranslateOptions,
+        describe_sampler,
+        load_midm,
+        load_pretrained_unet,
+        resolve_model_file,
+        sampling_settings,
+        translate_pairs,
+    )
+    from midms_cli.pipelines.translate_parallel import rank_device, translate_pairs_data_parallel
+
     jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
     # Under torchrun (WORLD_SIZE > 1) each process translates its share of the jobs.
     parallel = distributed.init()
@@ -171,6 +196,9 @@ def translate_command(
         save_steps=save_steps,
         pretrained_unet=pretrained_unet,
         noise_order=noise_order,
+        fit=resize,
+        save_condition=save_condition,
+        notice=lambda message: err_console.print(message, highlight=False, markup=False, soft_wrap=True),
     )
     run = translate_pairs_data_parallel if parallel else translate_pairs
     try:
@@ -186,7 +214,7 @@ def translate_command(
         return
     summary = {
         "model": str(model_file),
-        "variant": sampling.variant,
+        "sampler": describe_sampler(sampling),
         "refine": sampling.refine,
         "seed": seed,
         "noise_order": noise_order,

@@ -1,4 +1,4 @@
-"""`midms weights list|add|fetch|path`: the external artefacts only a user can supply (architecture 6).
+"""`midms weights list|add|fetch|path`: the pretrained networks only a user can supply.
 
 Other modules add subcommands (`import-ldm`, `import-midms`) with `register(weights_app)`.
 """
@@ -14,8 +14,9 @@ from midms_cli.cli.state import STATE, emit, out_console
 
 weights_app = typer.Typer(
     name="weights",
-    help="List, add, fetch and locate pretrained weights (stored as safetensors in the cache).",
+    help="List, add, fetch, import, export and locate pretrained weights (stored as safetensors).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 NAMES = ", ".join(registry.REGISTRY)
@@ -55,7 +56,8 @@ def list_weights() -> None:
             lines.append(f"  file {source['file']}  layout {source['layout']}  sha256 {checksum}")
             lines.append(f"    url {source['url'] or 'none known'}")
         lines += [f"  looked for {path}" for path in row["looked_for"]]
-        lines += [f"  original (not yet added) at {path}" for path in row["originals_found"]]
+        originals = row["originals_found"]
+        lines += [f"  original at {path} (checked and stored on first use)" for path in originals]
         for line in lines:
             out_console.print(line, soft_wrap=True, highlight=False)
 
@@ -105,4 +107,9 @@ def path(name: str = typer.Argument(..., help=f"Artefact name: {NAMES}.")) -> No
 
 
 def register(app: typer.Typer) -> None:
+    from midms_cli.cli import export_ldm, import_ldm, import_midms
+
+    import_ldm.register(weights_app)
+    import_midms.register(weights_app)
+    export_ldm.register(weights_app)
     app.add_typer(weights_app, name="weights")

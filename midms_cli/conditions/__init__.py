@@ -1,7 +1,7 @@
 """Condition maps: the registry of condition kinds and the pure tensor renderers behind them.
 
 Every renderer is a batched, device-agnostic function (tensor in, tensor out); file formats live in
-`midms_cli.conditions.io`. Kinds and channel counts follow spec 3.2 (celebahq-edges, 15), 3.3
+`midms_cli.conditions.io`. Kinds and channel counts follow the official data loaders (celebahq-edges, 15),
 (openpose, 20) and 3.4 (ade20k, 151); `canny` is the single-channel edge map of any photo.
 """
 
@@ -29,13 +29,13 @@ CONDITIONS: dict[str, ConditionSpec] = {
     for spec in (
         ConditionSpec(
             "celebahq-edges", 15, False,
-            "CelebA-HQ recipe (spec 3.2): part boundaries + Canny, 13 part distance maps, boundaries",
+            "official CelebA-HQ recipe: part boundaries + Canny, 13 part distance maps, boundaries",
         ),
         ConditionSpec("canny", 1, True, "Canny edges of the grayscale photo (kornia, skimage defaults)"),
         ConditionSpec(
             "openpose", 20, False, "OpenPose 18-keypoint stick figure (RGB) + 17 limb distance maps (3.3)"
         ),
-        ConditionSpec("ade20k", 151, False, "ADE20K-150 segmentation, one-hot over ids 0..150 (spec 3.4)"),
+        ConditionSpec("ade20k", 151, False, "ADE20K-150 segmentation, one-hot over ids 0..150"),
     )
 }  # fmt: skip
 

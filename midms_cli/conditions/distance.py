@@ -1,6 +1,6 @@
 """Exact city-block (L1) distance transform, batched and device-agnostic.
 
-The official data pipelines (spec 3.2 step 5, spec 3.3) call OpenCV's `distanceTransform` with
+The official data pipelines (CelebA-HQ edges, DeepFashion limbs) call OpenCV's `distanceTransform` with
 DIST_L1 and the 3x3 mask, whose chamfer weights (1 for a side step, 2 for a diagonal) make it the
 exact city-block distance to the nearest feature pixel. Here it is computed as two separable 1-D
 passes (rows, then columns), each a closed form built from `torch.cummin`, so there is no Python
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-# Distance maps are divided by 3 and clipped to 255 (spec 3.2 step 5, 3.3), then quantised to uint8
+# Distance maps are divided by 3 and clipped to 255 (official loaders), then quantised to uint8
 # and divided by 255 as torchvision's ToTensor does.
 DISTANCE_DIVISOR = 3.0
 DISTANCE_CLIP = 255.0
@@ -45,7 +45,7 @@ def l1_distance_transform(mask: torch.Tensor) -> torch.Tensor:
 
 
 def normalise_distance(distance: torch.Tensor) -> torch.Tensor:
-    """Spec 3.2 step 5: distance / 3, clipped to [0, 255], truncated to uint8, then / 255 -> [0, 1].
+    """As the official loaders: distance / 3, clipped to [0, 255], truncated to uint8, then / 255 -> [0, 1].
 
     numpy's `astype(uint8)` truncates, so the quantisation is a floor (distances are non-negative).
     """

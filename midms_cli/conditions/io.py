@@ -5,10 +5,10 @@ Accepted inputs (`load_condition`):
     shaped (C, H, W) with exactly the kind's channel count ((H, W) is accepted for 1 channel);
   * canny: a grayscale edge PNG (pixels >= 128 are edges);
   * celebahq-edges: a part-label PNG (value k = CELEBAHQ_PARTS[k - 1], 0 = none), rendered with the
-    recipe of spec 3.2; with no photo there is no Canny term, so channel 0 holds the part boundaries;
+    official recipe; with no photo there is no Canny term, so channel 0 holds the part boundaries;
   * openpose: OpenPose keypoints, `.json` or `*_candidate.txt` (with its `*_subset.txt` beside it),
-    rendered with spec 3.3 (a stick-figure picture alone is not enough: the limb distance maps need
-    the keypoints);
+    rendered as the official loader does (a stick-figure picture alone is not enough: the limb
+    distance maps need the keypoints);
   * ade20k: a label PNG whose pixel values are class ids (255 = unknown -> 150).
 """
 
@@ -25,9 +25,9 @@ from midms_cli.conditions import condition_spec
 from midms_cli.errors import MidmsError
 
 TENSOR_KEY = "condition"  # the safetensors key of a condition tensor
-POSE_FRAME = 256  # keypoints are in the pixel frame of 256 x 256 DeepFashion images (spec 3.3)
+POSE_FRAME = 256  # keypoints are in the pixel frame of 256 x 256 DeepFashion images (official keypoint files)
 
-# Channels resized with nearest neighbour (edges, pictures, one-hot); the others bilinearly (spec 3.2/3.3).
+# Channels resized with nearest neighbour (edges, pictures, one-hot); the others bilinearly.
 _NEAREST_CHANNELS = {"canny": (0,), "celebahq-edges": (0, 14), "openpose": (0, 1, 2)}
 
 

@@ -1,4 +1,4 @@
-"""ADE20K-150 label maps as the 151-channel one-hot condition of LSUN-Churches (spec 3.4).
+"""ADE20K-150 label maps as the 151-channel one-hot condition of LSUN-Churches (official loader).
 
 Ids 0..150 map to channels 0..150; the PNG value 255 ("unknown") becomes 150 as in the official
 loader. The colour preview uses a palette generated here, NOT the official `color150.mat`.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 ADE20K_CHANNELS = 151
-ADE20K_UNKNOWN = 150  # the id that the PNG value 255 is mapped to (spec 3.4)
+ADE20K_UNKNOWN = 150  # the id that the PNG value 255 is mapped to by the official loader
 
 
 def clean_ade20k_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Spec 3.4: 255 -> 150; any other id outside 0..150 is a ValueError (corrupt label map)."""
+    """255 -> 150 (official loader); any other id outside 0..150 is a ValueError (corrupt label map)."""
     labels = torch.where(labels == 255, torch.full_like(labels, ADE20K_UNKNOWN), labels).long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= ADE20K_CHANNELS):
         bad = labels[(labels < 0) | (labels >= ADE20K_CHANNELS)].unique()[:5].tolist()

@@ -1,4 +1,5 @@
-"""Exemplar pairing (spec 3.1): easy / hard / self references and the retrieval lists behind them.
+"""Exemplar pairing as the official loaders do it: easy / hard / self references and the
+retrieval lists behind them.
 
 Training draws u ~ U(0, 1): u < hard -> "hard" reference, u < hard + easy -> "easy", else "self"
 (official probabilities hard 0.2, easy 0.5, self 0.3). Easy and hard references come from CoCosNet
@@ -35,11 +36,11 @@ class PairingProbabilities:
 
 
 OFFICIAL_PAIRING = PairingProbabilities()
-EVAL_PAIRING = PairingProbabilities(hard=0.0, easy=1.0, self=0.0)  # spec 3.5: the first candidate
+EVAL_PAIRING = PairingProbabilities(hard=0.0, easy=1.0, self=0.0)  # official test lists: the first candidate
 
 
 def choose_pairing(u: float, probabilities: PairingProbabilities = OFFICIAL_PAIRING) -> str:
-    """Spec 3.1: map one uniform draw u in [0, 1) to "hard", "easy" or "self"."""
+    """Map one uniform draw u in [0, 1) to "hard", "easy" or "self"."""
     if u < probabilities.hard:
         return "hard"
     if u < probabilities.hard + probabilities.easy:
@@ -83,7 +84,7 @@ def pick_reference(
     easy: str = "first",
     hard: str = "last",
 ) -> str:
-    """The exemplar of `key` for a pairing kind (spec 3.1).
+    """The exemplar of `key` for a pairing kind.
 
     easy: "first" (CelebA, LSUN) or "last" (DeepFashion) candidate; hard: the "last" candidate
     (CelebA, LSUN) or a "random" image of `pool` (DeepFashion); self: the key itself.

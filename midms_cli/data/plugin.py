@@ -1,7 +1,7 @@
 """The dataset plugin protocol: what an object registered under `midms.datasets` provides.
 
 A plugin turns one raw dataset (or a generator, for synthetic data) into `Sample` records; the
-prepare pipeline writes them to WebDataset shards (architecture section 4). Sample `i` of a split
+prepare pipeline writes them to WebDataset shards. Sample `i` of a split
 must depend only on (source, split, options, seed, i): the pipeline asks for index ranges in any
 order and from several worker processes, and a resumed run asks only for the shards still missing.
 """
@@ -20,7 +20,7 @@ from midms_cli.conditions import ConditionSpec
 from midms_cli.errors import MidmsError
 
 SPLITS = ("train", "val")
-PAIRINGS = ("easy", "hard", "self")  # spec 3.1
+PAIRINGS = ("easy", "hard", "self")  # the official loaders' exemplar kinds
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class PluginOption:
 
 @dataclass
 class Sample:
-    """One training example, everything a shard sample holds (architecture section 4).
+    """One training example, everything a shard sample holds.
 
     image, ref: (3, H, W) float in [-1, 1]; cond, ref_cond: (C, H, W) float in [0, 1] whose values
     are multiples of 1/255 (the official recipes quantise to uint8), so shards store them losslessly.

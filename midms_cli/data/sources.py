@@ -2,7 +2,7 @@
 
 A `FolderDataset` subclass says how to list its items and how to load one item's image and
 condition; this base turns that into the plugin protocol: CoCosNet train/val lists or a hashed
-split, exemplar pairing (spec 3.1) from a CoCosNet reference list or one built by appearance
+split, exemplar pairing from a CoCosNet reference list or one built by appearance
 similarity, and per-index randomness so any sample can be made alone, by any worker.
 """
 
@@ -38,7 +38,7 @@ from midms_cli.images import array_to_tensor, open_image, resize_pil, to_rgb_arr
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FEATURE_SIZE = 32  # images are read at this size to build a reference list by similarity
 
-# Options every folder plugin shares (spec 3.1 pairing, CoCosNet lists).
+# Options every folder plugin shares (pairing, CoCosNet lists).
 COMMON_OPTIONS = (
     PluginOption(
         "train_list", Path, None, "CoCosNet train.txt (one id/path per line); default: hashed split"
@@ -48,7 +48,7 @@ COMMON_OPTIONS = (
     PluginOption(
         "ref_list", Path, None, "CoCosNet reference list `key,cand1,...`; default: built by similarity"
     ),
-    PluginOption("hard_probability", float, 0.2, "training: share of hard references (spec 3.1)"),
+    PluginOption("hard_probability", float, 0.2, "training: share of hard references (official 0.2)"),
     PluginOption("self_probability", float, 0.3, "training: share of self references; easy = the rest"),
 )
 
@@ -123,9 +123,9 @@ class FolderDataset(BasePlugin, abc.ABC):
     `condition_spec`."""
 
     needs_source = True
-    easy = "first"  # spec 3.1: first retrieval candidate (CelebA, LSUN); DeepFashion overrides
+    easy = "first"  # first retrieval candidate (CelebA, LSUN); DeepFashion overrides
     hard = "last"  # last retrieval candidate; DeepFashion: a random training image
-    resize = "bicubic"  # spec 3.1 (torchvision Resize on PIL); CelebA-HQ uses bilinear (spec 3.2)
+    resize = "bicubic"  # official (torchvision Resize on PIL); CelebA-HQ uses bilinear
     extractor_kind: str | None = None  # the condition extractor of `--extract` (midms_cli.extractors)
     options: tuple[PluginOption, ...] = COMMON_OPTIONS
 
@@ -234,7 +234,7 @@ class FolderDataset(BasePlugin, abc.ABC):
         return array_to_tensor(np.asarray(small))
 
     def probabilities(self, split: str, options: Mapping[str, Any]) -> PairingProbabilities:
-        """Spec 3.1 for training; evaluation always takes the first (easy) candidate (spec 3.5)."""
+        """The official mix for training; evaluation always takes the first (easy) candidate."""
         if split != "train":
             return EVAL_PAIRING
         hard, self_ = float(options["hard_probability"]), float(options["self_probability"])

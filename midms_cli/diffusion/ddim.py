@@ -17,15 +17,15 @@ def _float64(value: Tensor | float) -> Tensor:
 
 
 def predict_x0(x_t: Tensor, eps: Tensor, a_t: Tensor | float) -> Tensor:
-    """Eq. 3: f_θ(z_t, t) = (z_t − √(1 − ᾱ_t)·ε_θ) / √ᾱ_t (spec Appendix B)."""
+    """Eq. 3: f_θ(z_t, t) = (z_t − √(1 − ᾱ_t)·ε_θ) / √ᾱ_t."""
     a_t = _float64(a_t).to(x_t.device)
     return (x_t - broadcast_to((1.0 - a_t).sqrt(), x_t) * eps) / broadcast_to(a_t.sqrt(), x_t)
 
 
 def ddim_sigma(a_t: Tensor | float, a_prev: Tensor | float, eta: float) -> Tensor:
-    """σ_t = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev) (spec Appendix B, Eq. 2/4), float64.
+    """σ_t = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev) (Eq. 2/4 of the DDIM paper), float64.
 
-    η = 0 gives deterministic DDIM; η = 1 the DDPM posterior variance (the refinement, spec 1.11;
+    η = 0 gives deterministic DDIM; η = 1 the DDPM posterior variance (the refinement;
     its "σ at t = 96 ≈ 0.104" is the step 96 → 91: 0.1044, whereas 101 → 96 would give 0.1057).
     """
     a_t, a_prev = _float64(a_t), _float64(a_prev)
@@ -43,7 +43,7 @@ def ddim_reenter(
 
     z_prev = √ᾱ_prev·x0 + √(1 − ᾱ_prev − σ²)·ε_θ + σ·ε. With x0 = f_θ(z_t, t) this is the plain
     DDIM step; MIDMs puts the (masked) warped exemplar latent in its place and keeps the stored
-    direction √(1 − ᾱ_prev)·ε_θ (spec 1.7 step 3g). ε is drawn from torch's generator when σ > 0
+    direction √(1 − ᾱ_prev)·ε_θ. ε is drawn from torch's generator when σ > 0
     and no `noise` is given.
     """
     a_prev = _float64(a_prev).to(x0.device)

@@ -2,7 +2,7 @@
 
 Tables are float64 (as in latent-diffusion) and are cast to the latent's dtype only where they are
 used, so a float16/bfloat16 latent never carries a rounded schedule. Timesteps index the tables
-0-based: ᾱ_t is `alphas_cumprod[t]`, the convention of the official code (spec 1.6).
+0-based: ᾱ_t is `alphas_cumprod[t]`, the convention of the official code.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ GRIDS = ("official", "exact")
 
 
 def linear_betas(timesteps: int, start: float, end: float) -> Tensor:
-    """LDM's "linear" schedule: β = linspace(√start, √end, T)², in float64 (spec 1.2).
+    """LDM's "linear" schedule: β = linspace(√start, √end, T)², in float64 (latent-diffusion).
 
     Note the squares: the schedule is linear in √β, not in β as in DDPM.
     """
@@ -25,16 +25,16 @@ def linear_betas(timesteps: int, start: float, end: float) -> Tensor:
 
 
 def alphas_cumprod(betas: Tensor) -> Tensor:
-    """ᾱ_t = Π_{s≤t} (1 − β_s), the signal fraction of Eq. 1 (spec Appendix B)."""
+    """ᾱ_t = Π_{s≤t} (1 − β_s), the signal fraction of Eq. 1."""
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
 
 
 def ddim_timesteps(num_steps: int, timesteps: int = 1000, grid: str = "official") -> Tensor:
-    """The ascending DDIM sub-sequence of DDPM timesteps (spec 1.6, item 2 of spec 5).
+    """The ascending DDIM sub-sequence of DDPM timesteps, as the official code builds it.
 
     "official": latent-diffusion's "uniform" grid, arange(0, T, T // S) + 1. When S does not
     divide T it has more than S points: 17 for S = 16 ([1, 63, ..., 993]); for S = 200 it is the
-    refinement grid [1, 6, ..., 996] (spec 1.11).
+    refinement grid [1, 6, ..., 996].
     "exact": exactly S points, floor(i·T / S) + 1 for i = 0..S−1 — evenly spaced to within one
     timestep, and identical to "official" whenever S divides T.
     """

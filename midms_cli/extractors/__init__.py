@@ -1,7 +1,7 @@
 """Condition extractors: compute a condition from a bare photo when a dataset has no annotations.
 
 One registry maps a condition kind (midms_cli.conditions.CONDITIONS) to the estimator behind it:
-`openpose` -> OpenPose body keypoints (spec 3.3), `ade20k` -> Swin-S UperNet segmentation (spec 3.4),
+`openpose` -> OpenPose body keypoints, `ade20k` -> Swin-S UperNet segmentation,
 `canny` -> kornia Canny edges. `get_extractor(kind)` checks that the estimator's weights are present
 BEFORE any work and returns a callable photo batch -> condition tensor, as `midms prepare ... --extract`
 and `midms translate --extract` need.

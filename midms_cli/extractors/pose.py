@@ -1,4 +1,4 @@
-"""OpenPose body keypoints for photos without annotations (spec 3.3): inference, peaks, limb grouping.
+"""OpenPose body keypoints for photos without annotations: inference, peaks, limb grouping.
 
 Reproduces the pytorch-openpose body estimator that CoCosNet ran on DeepFashion: multi-scale
 heatmap/PAF inference (boxsize 368, stride 8, pad value 128), Gaussian-smoothed peak finding

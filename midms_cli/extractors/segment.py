@@ -1,4 +1,4 @@
-"""ADE20K-150 label maps for photos without annotations (spec 3.4), from the Swin-S UperNet segmenter.
+"""ADE20K-150 label maps for photos without annotations, from the Swin-S UperNet segmenter.
 
 Follows mmsegmentation's ADE20K test pipeline for the published checkpoint: resize so the short
 side is 512 (long side at most 2048, aspect kept), normalise RGB 0..255 with the ImageNet mean/std,
@@ -6,7 +6,7 @@ infer on the whole image (the config's mode) or in 512 x 512 windows with stride
 overlaps), resize the logits back to the photo and take the argmax.
 
 Label convention: the network predicts classes 0..149; we store class + 1, so ids are 1..150 and 0 is
-"other/unknown" as in ADE20K's own annotation PNGs. Spec 3.4 says the segmentation loss treats
+"other/unknown" as in ADE20K's own annotation PNGs. The official LSUN code's segmentation loss treats
 class 0 as unknown, which this convention makes true (the authors' exact convention is [UNCERTAIN]).
 These ids are what `midms_cli.conditions.segmentation.one_hot_ade20k` and the lsun-churches plugin read.
 """

@@ -1,4 +1,4 @@
-"""The evaluation metrics (architecture 7, spec 4.2) and their registry.
+"""The evaluation metrics of the paper's protocols and their registry.
 
 `METRICS` is the one source of metric names: `midms eval --metrics` takes its choices and help
 from it, and each entry names the registered weights it needs, so a missing network is reported
@@ -68,9 +68,9 @@ NETWORK_WEIGHTS = {"inception": ("inception-fid",), "lpips": ("alexnet", "lpips-
 
 def missing_weights(name: str, provided: Collection[str] = ()) -> list[str]:
     """The registered weights metric `name` needs that are neither stored nor `provided`."""
-    from midms_cli.weights import stored_path
+    from midms_cli.weights import weight_available
 
-    return [w for w in METRICS[name].weights if w not in provided and not stored_path(w).is_file()]
+    return [w for w in METRICS[name].weights if w not in provided and not weight_available(w)]
 
 
 def select_metrics(

@@ -1,4 +1,4 @@
-"""Frechet Inception Distance and Kernel Inception Distance (spec 4.2).
+"""Frechet Inception Distance and Kernel Inception Distance (pytorch-fid's Inception port).
 
 FID (Heusel et al. 2017) compares Gaussians fitted to Inception pool3 features; KID (Binkowski et
 al. 2018) is the unbiased polynomial-kernel MMD, preferred for small sets. Statistics of an image

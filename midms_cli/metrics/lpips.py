@@ -1,4 +1,4 @@
-"""LPIPS diversity (spec 4.2): mean LPIPS between outputs of one condition with different exemplars.
+"""LPIPS diversity: mean LPIPS between outputs of one condition with different exemplars.
 
 CoCosNet's protocol: for every condition, translate it with several exemplars, average the LPIPS
 distance over all pairs of those outputs, then average over conditions. Higher means more diverse.

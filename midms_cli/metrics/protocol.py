@@ -1,4 +1,4 @@
-"""The evaluation protocol record (architecture 7): what makes an evaluation reproducible.
+"""The evaluation protocol record: what makes an evaluation reproducible.
 
 `protocol.json` holds the protocol version, the pair list and its hash, the image size, the
 model file's hash, the hashes of every metric network used, sampler options and seeds, and the

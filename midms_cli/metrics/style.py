@@ -1,4 +1,4 @@
-"""Style relevance and semantic consistency with VGG19 features (CoCosNet protocol, spec 4.2).
+"""Style relevance and semantic consistency with VGG19 features (CoCosNet protocol).
 
 Style relevance: colour (relu1_2) and texture (relu2_2). For each semantic region, the channel-wise
 mean feature of the output over its region is compared with the exemplar's over the corresponding

@@ -1,4 +1,4 @@
-"""The frozen first stage: latent-diffusion's VQ (VQ-f4) and KL (KL-f8) autoencoders (spec 1.2, 6.1).
+"""The frozen first stage: latent-diffusion's VQ (VQ-f4) and KL (KL-f8) autoencoders.
 
 Parameter names and shapes follow latent-diffusion's `Encoder`/`Decoder`, `VQModel` and
 `AutoencoderKL` one to one, so an original state dict (minus its `loss.*` entries) loads directly.
@@ -265,7 +265,7 @@ class VQAutoencoder(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Image in [-1, 1] -> continuous latent (VQModelInterface.encode, spec 1.1), times scale_factor.
+        """Image in [-1, 1] -> continuous latent (VQModelInterface.encode), times scale_factor.
 
         Runs in the parameters' dtype; the latent is returned in x's dtype.
         """
@@ -289,7 +289,7 @@ class VQAutoencoder(nn.Module):
         return self.decoder(self.post_quant_conv(h.to(param_dtype(self))))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latent -> image: quantise (straight-through), post_quant_conv, decoder (spec 1.2).
+        """Latent -> image: quantise (straight-through), post_quant_conv, decoder.
 
         Runs in the parameters' dtype; the image is returned in z's dtype.
         """

@@ -1,7 +1,7 @@
-"""Building blocks of the correspondence networks (spec 1.4): SN-IN convs, PONO, SPADE, residual blocks.
+"""Building blocks of the correspondence networks: SN-IN convs, PONO, SPADE, residual blocks.
 
 Module and parameter names follow the official release (CoCosNet lineage) so a released state dict
-maps onto them by renaming only the spectral-norm entries (spec 6.0): the legacy hook's
+maps onto them by renaming only the spectral-norm entries: the legacy hook's
 `weight_orig / weight_u / weight_v` are our parametrization's `parametrizations.weight.original /
 .0._u / .0._v`. Both compute σ = uᵀ W v with the stored u, v in eval mode, so the converted
 module computes exactly the released effective weight.
@@ -22,7 +22,7 @@ def sn_conv(
 
 
 class SNInstanceConv(nn.Sequential):
-    """ "SN-IN conv" (spec 1.4): spectral-norm conv3x3 without bias, zero padding 1, InstanceNorm2d.
+    """ "SN-IN conv" (official name): spectral-norm conv3x3 without bias, zero padding 1, InstanceNorm2d.
 
     A Sequential so parameters are named `0.*` as the official `layerN.0.*` entries.
     """
@@ -35,7 +35,7 @@ class SNInstanceConv(nn.Sequential):
 
 
 def positional_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """PONO: per pixel, centre over channels and divide by √(unbiased channel variance + ε) (spec 1.4)."""
+    """PONO: per pixel, centre over channels and divide by √(unbiased channel variance + ε)."""
     mean = x.mean(dim=1, keepdim=True)
     std = (x.var(dim=1, keepdim=True) + eps).sqrt()
     return (x - mean) / std
@@ -44,7 +44,7 @@ def positional_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
 class SPADE(nn.Module):
     """Spatially-adaptive modulation of PONO-normalised features: PONO(x)·(1 + γ(seg)) + β(seg).
 
-    `seg` is nearest-resized to x's grid; reflection padding everywhere; no spectral norm (spec 1.4).
+    `seg` is nearest-resized to x's grid; reflection padding everywhere; no spectral norm.
     """
 
     def __init__(self, norm_channels: int, label_channels: int, hidden: int = 128):
@@ -64,7 +64,7 @@ class SPADE(nn.Module):
 
 
 class SPADEResBlock(nn.Module):
-    """Residual block with SPADE modulation (spec 1.4): shortcut + main path, no activation after the sum.
+    """Residual block with SPADE modulation: shortcut + main path, no activation after the sum.
 
     Main: SPADE → LReLU(0.2) → reflect-pad → SN conv3x3 (fin→fmid) → SPADE → LReLU → reflect-pad →
     SN conv3x3 (fmid→fout). Shortcut, learned when fin ≠ fout: SPADE → SN conv1x1 without bias.
@@ -91,7 +91,7 @@ class SPADEResBlock(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Trunk block (spec 1.4): pad → conv → IN → PReLU → pad → conv → IN → + x → PReLU.
+    """Trunk block: pad → conv → IN → PReLU → pad → conv → IN → + x → PReLU.
 
     One PReLU module (a single slope, init 0.25) serves both activations, as in the release.
     """

@@ -1,4 +1,4 @@
-"""The correspondence networks of MIDMs (spec 1.4, 1.8): three encoders, a shared trunk, two heads.
+"""The correspondence networks of MIDMs, as released: three encoders, a shared trunk, two heads.
 
 SegEnc encodes the condition map, RealEnc an image latent, IterEnc an x0-prediction modulated by
 the condition features (Eq. 8). The trunk is shared by both domains; the θ head serves the
@@ -15,9 +15,9 @@ from midms_cli.models.blocks import ResidualBlock, SNInstanceConv, SPADEResBlock
 
 
 def centre_normalize(features: Tensor) -> Tensor:
-    """Per-pixel channel centring, then division by the per-pixel L2 norm (spec 1.4).
+    """Per-pixel channel centring, then division by the per-pixel L2 norm.
 
-    The release divides without ε (spec 5.9); the clamp only changes the result for an all-zero
+    The release divides without ε; the clamp only changes the result for an all-zero
     centred vector, where the release produces NaN.
     """
     centred = features - features.mean(dim=1, keepdim=True)
@@ -76,11 +76,11 @@ class Correspondence(nn.Module):
         return self.real_enc(latent, latent)
 
     def iteration_features(self, x0_pred: Tensor, condition_features: Tensor) -> Tensor:
-        """Eq. 8: F = IterEnc(x̂0, D_x), centred and normalised (spec 1.7 step 3a)."""
+        """Eq. 8: F = IterEnc(x̂0, D_x), centred and normalised."""
         return centre_normalize(self.iter_enc(x0_pred, condition_features))
 
     def condition_matching(self, condition_features: Tensor, condition: Tensor) -> Tensor:
-        """f_x = θ(Trunk([D_x, c↓])), centred and normalised (spec 1.4)."""
+        """f_x = θ(Trunk([D_x, c↓])), centred and normalised."""
         return centre_normalize(self.theta(self.layer(torch.cat([condition_features, condition], dim=1))))
 
     def latent_matching(self, latent_features: Tensor, condition: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Feature networks for the VGG-style losses (spec 2.3 #3-#5): VGG19, or the frozen first stage.
+"""Feature networks for the VGG-style losses: VGG19, or the frozen first stage.
 
 `first-stage` reads multi-scale activations of the autoencoder's own encoder under the five layer
 names r12 ... r52, so the losses run with no external weights (tiny preset, tests, the demo).

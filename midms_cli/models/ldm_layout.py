@@ -1,4 +1,4 @@
-"""Key layout of latent-diffusion checkpoints and its two-way mapping to ours (architecture 5).
+"""Key layout of latent-diffusion checkpoints and its two-way mapping to ours.
 
 Our modules use the original parameter names, so the mapping only moves prefixes:
 

@@ -1,8 +1,8 @@
 """The MIDMs model: frozen first stage, diffusion UNet and correspondence networks in one module,
-with the initial cross-domain match, the in-domain re-warp and the interleaved loop (spec 1.7).
+with the initial cross-domain match, the in-domain re-warp and the interleaved loop.
 
 The loop is an ordinary differentiable function: under `torch.no_grad()` it is the inference of
-Algorithm 1; with gradients it is the end-to-end recurrent training phase (spec 2.1, 2.6), where
+Algorithm 1; with gradients it is the end-to-end recurrent training phase, where
 only the encoder outputs and the confidence mask are detached.
 """
 
@@ -46,7 +46,7 @@ class StepTime:
 
 @dataclass(frozen=True)
 class Trajectory:
-    """The noising timestep and the DDIM steps of one run over a grid (spec 1.6, 1.11)."""
+    """The noising timestep and the DDIM steps of one run over a grid."""
 
     t_noise: int
     steps: tuple[StepTime, ...]
@@ -56,7 +56,7 @@ def trajectory(table: Tensor, grid: Tensor, first: int, count: int, noise_offset
     """`count` DDIM steps starting at index `first` of the descending grid.
 
     noise_offset "previous" noises the input at the grid point before the first step (the
-    official off-by-one, spec 5.1: t = 311 for a first step at 249); "same" at the first step's t.
+    official code's off-by-one: t = 311 for a first step at 249); "same" at the first step's t.
     ᾱ_prev follows latent-diffusion (`ddim_alpha_pairs`): the last grid point steps to ᾱ_0.
     """
     a_t, a_prev = ddim_alpha_pairs(table, grid)
@@ -78,7 +78,7 @@ def interleaved_trajectory(sampling: SamplingConfig, table: Tensor) -> Trajector
     """The interleaved steps: the last `interleaved_steps` of the first `ddim_steps` grid points.
 
     Official bundle: 17-point grid for S = 16, steps at 249, 187, 125, 63, noise at 311; the
-    t = 1 point is never visited (spec 1.6). "exact" grid: 188, 126, 63, 1.
+    t = 1 point is never visited. "exact" grid: 188, 126, 63, 1.
     """
     grid = ddim_timesteps(sampling.ddim_steps, table.shape[0], sampling.grid).to(table.device)
     first = sampling.ddim_steps - sampling.interleaved_steps
@@ -86,7 +86,7 @@ def interleaved_trajectory(sampling: SamplingConfig, table: Tensor) -> Trajector
 
 
 def refinement_trajectory(sampling: SamplingConfig, table: Tensor) -> Trajectory:
-    """The refinement: from index `refine_start_index` to the end of the refine grid (spec 1.11).
+    """The refinement: from index `refine_start_index` to the end of the refine grid.
 
     Official: 200-point grid [996, ..., 1], noise at 101, 20 steps 96, 91, ..., 1.
     """
@@ -132,7 +132,7 @@ class ExemplarFeatures:
 
 @dataclass
 class Rewarp:
-    """One in-domain re-match (spec 1.7 step 3): warp R_k, mask M_k, and the matched features F, G."""
+    """One in-domain re-match: warp R_k, mask M_k, and the matched features F, G."""
 
     warped: Tensor
     mask: Tensor
@@ -179,7 +179,7 @@ class MIDM(nn.Module):
         self.precision = "fp32"  # set_precision changes it
 
     def train(self, mode: bool = True) -> MIDM:
-        """The first stage stays in eval mode: it is frozen in every phase (spec 2.1)."""
+        """The first stage stays in eval mode: it is frozen in every phase."""
         super().train(mode)
         self.first_stage.eval()
         return self
@@ -227,7 +227,8 @@ class MIDM(nn.Module):
     # -- first stage -------------------------------------------------------------------------
 
     def encode(self, image: Tensor) -> Tensor:
-        """z = E(image), detached (spec 2.6): VQ pre-quantisation latent or KL posterior mode/sample."""
+        """z = E(image), detached (no gradient reaches the first stage): VQ pre-quantisation latent
+        or KL posterior mode/sample."""
         with torch.no_grad():
             return self.first_stage.encode(image).detach()
 
@@ -236,7 +237,7 @@ class MIDM(nn.Module):
         return self.first_stage.decode(latent)
 
     def to_latent_grid(self, condition: Tensor, latent_size: tuple[int, int] | None = None) -> Tensor:
-        """Resize a condition map to the latent grid (spec 1.3; the condition is not VQ-encoded):
+        """Resize a condition map to the latent grid (the condition is not VQ-encoded):
         nearest (official) or area, as `correspondence.condition_resize` says.
 
         Without `latent_size`, the grid of an image of the condition's size (H / f, W / f).
@@ -250,7 +251,7 @@ class MIDM(nn.Module):
     # -- matching ----------------------------------------------------------------------------
 
     def condition_features(self, condition: Tensor) -> ConditionFeatures:
-        """c↓, D_x and f_x for a condition map at any resolution (spec 1.4)."""
+        """c↓, D_x and f_x for a condition map at any resolution."""
         cond = self.to_latent_grid(condition)
         features = self.correspondence.condition_features(cond)
         return ConditionFeatures(cond, features, self.correspondence.condition_matching(features, cond))
@@ -262,13 +263,13 @@ class MIDM(nn.Module):
         return ExemplarFeatures(latent, features, self.correspondence.latent_matching(features, cond))
 
     def encode_exemplar(self, image: Tensor, condition: Tensor) -> ExemplarFeatures:
-        """z_y = E(y), D_y and f_y from the exemplar photo and its own condition c_y (spec 1.3)."""
+        """z_y = E(y), D_y and f_y from the exemplar photo and its own condition c_y."""
         return self.latent_features(self.encode(image), condition)
 
     def initial_match(
         self, condition: ConditionFeatures, exemplar: ExemplarFeatures, tau: float | None = None
     ) -> Tensor:
-        """R0 = softwarp(z_y, corr(f_x, f_y)), the cross-domain warp of Eq. 5–6 (spec 1.7 step 1)."""
+        """R0 = softwarp(z_y, corr(f_x, f_y)), the cross-domain warp of Eq. 5–6."""
         exemplar = exemplar.expand(condition.matching.shape[0])
         tau = self.config.sampling.tau if tau is None else tau
         return soft_warp(exemplar.latent, condition.matching, exemplar.matching, tau)
@@ -280,7 +281,7 @@ class MIDM(nn.Module):
         exemplar: ExemplarFeatures,
         sampling: SamplingConfig | None = None,
     ) -> Rewarp:
-        """In-domain re-match (spec 1.7 step 3a–e, Eq. 8, 10): IterEnc(x̂0, D_x) against RealEnc(z_y).
+        """In-domain re-match (Eq. 8, 10): IterEnc(x̂0, D_x) against RealEnc(z_y).
 
         Bypasses the trunk and heads as the release does. With confidence masking off the mask is
         all ones (the new warp replaces x̂0 everywhere).
@@ -315,13 +316,13 @@ class MIDM(nn.Module):
         feed_back: bool = True,
         generator: torch.Generator | None = None,
     ) -> LoopResult:
-        """Algorithm 1 steps 2–4 (spec 1.7): noise R0, then DDIM steps interleaved with re-warps.
+        """Algorithm 1 steps 2–4: noise R0, then DDIM steps interleaved with re-warps.
 
         Step 0 noises `warped` to t_noise and denoises at t_0; at each position in
         `sampling.rewarp_positions` the previous x̂0 is re-matched and x̂0' = M⊙R + (1−M)⊙x̂0
         re-enters the trajectory (Eq. 9/11); the last step never warps. With `exemplar=None`
         nothing is re-warped; with `feed_back=False` re-warps are computed (for the cycle loss of
-        the GT path, spec 2.2) but not substituted. Works with or without gradients.
+        the GT path in training) but not substituted. Works with or without gradients.
         """
         sampling = sampling or self.config.sampling
         plan = interleaved_trajectory(sampling, self.alphas_cumprod)
@@ -363,7 +364,7 @@ class MIDM(nn.Module):
         eta: float,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Plain DDIM from q_sample(x0, t_noise) along `plan`; returns the last x0-prediction (spec 1.11)."""
+        """Plain DDIM from q_sample(x0, t_noise) along `plan`; returns the last x0-prediction."""
         x = q_sample(x0, plan.t_noise, noise, self.alphas_cumprod)
         for index, step in enumerate(plan.steps):
             eps = self.eps(unet, x, step.t)

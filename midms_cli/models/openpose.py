@@ -1,4 +1,4 @@
-"""The CMU OpenPose body network (COCO-18): VGG front end + two-branch, six-stage CPM (spec 3.3).
+"""The CMU OpenPose body network (COCO-18): VGG front end + two-branch, six-stage CPM.
 
 Parameter names follow the PyTorch port's `body_pose_model.pth` (pytorch-openpose): flat keys such as
 `conv1_1.weight`, `conv5_5_CPM_L1.weight`, `Mconv7_stage6_L2.weight`, so the published file loads

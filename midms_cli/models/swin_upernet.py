@@ -1,4 +1,4 @@
-"""Swin-S backbone + UperNet head: the ADE20K-150 segmenter behind LSUN-Churches conditions (spec 3.4).
+"""Swin-S backbone + UperNet head: the ADE20K-150 segmenter behind LSUN-Churches conditions.
 
 Module and parameter names follow the published mmsegmentation checkpoint
 `upernet_swin_small_patch4_window7_512x512_160k_ade20k_...-ee2fff1c.pth` (`backbone.stages.N.blocks.M.

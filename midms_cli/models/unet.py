@@ -1,5 +1,5 @@
 """The latent diffusion UNet ε_θ(z_t, t): the subset of latent-diffusion's openaimodel.UNetModel used
-by the celeba256 and lsun-churches LDMs (spec 1.2).
+by the celeba256 and lsun-churches LDMs.
 
 Parameter names and shapes match the original (`input_blocks.1.0.in_layers.0.weight`,
 `middle_block.1.qkv.weight`, `out.2.weight`, ...), so its `model.diffusion_model.*` weights load

@@ -1,4 +1,4 @@
-"""The frozen VGG19 feature extractor of the training losses (spec 2.5).
+"""The frozen VGG19 feature extractor of the training losses.
 
 Reads two weight layouts: CoCosNet's `vgg19_conv.pth` (conv1_1.weight ...; Caffe preprocessing,
 as MIDMs uses) and torchvision's `vgg19-dcbb9e9d.pth` (features.N.weight; ImageNet normalisation).
@@ -33,7 +33,7 @@ _TAPS = {"conv1_2": "r12", "conv2_2": "r22", "conv3_2": "r32", "conv4_2": "r42",
 # Convs after which a 2x2 max-pool follows (end of each block).
 _POOL_AFTER = {"conv1_2", "conv2_2", "conv3_4", "conv4_4"}
 
-# Caffe VGG: BGR mean in [0, 1] units (= [103.939, 116.779, 123.68] / 255), spec 2.5.
+# Caffe VGG: BGR mean in [0, 1] units (= [103.939, 116.779, 123.68] / 255), as the official losses.
 CAFFE_BGR_MEAN = (0.40760392, 0.45795686, 0.48501961)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,7 +41,7 @@ PREPROCESSING = ("caffe", "imagenet")
 
 
 def caffe_preprocess(image: torch.Tensor) -> torch.Tensor:
-    """Spec 2.5: RGB in [-1, 1] -> [0, 1] -> BGR -> subtract the Caffe mean -> x255."""
+    """RGB in [-1, 1] -> [0, 1] -> BGR -> subtract the Caffe mean -> x255."""
     x = (image + 1) / 2
     x = x.flip(1)  # RGB -> BGR
     mean = torch.tensor(CAFFE_BGR_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -126,7 +126,7 @@ def _remap(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Te
 
 
 def vgg19_from_state_dict(state: Mapping[str, torch.Tensor]) -> VGG19Features:
-    """Build the feature net from either layout; the layout fixes the preprocessing (spec 2.5)."""
+    """Build the feature net from either layout; the layout fixes the preprocessing."""
     layout = detect_layout(state)
     net = VGG19Features("caffe" if layout == "cocosnet" else "imagenet")
     net.load_state_dict(_remap(state, layout))

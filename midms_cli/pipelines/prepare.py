@@ -1,4 +1,4 @@
-"""`prepare`: turn a dataset plugin's samples into WebDataset shards (architecture section 4).
+"""`prepare`: turn a dataset plugin's samples into WebDataset shards.
 
 Resumable and deterministic: shard i holds samples i*S .. (i+1)*S-1, each sample depends only on
 (seed, split, index), every shard is written under a temporary name and renamed when whole, and a
@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import multiprocessing
-import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 import midms_cli
 from midms_cli.atomic import write_text
+from midms_cli.checkpoint import recorded_command
 from midms_cli.data.plugin import SPLITS, Sample, resolve_options
 from midms_cli.data.shards import (
     CONDITION_EXT,
@@ -242,7 +242,7 @@ def prepare_split(
         "count": count,
         "skipped": total - count,  # bad source items skipped (without --strict), this run or an earlier one
         "shards": shards,
-        "command": config.command or " ".join(sys.argv),
+        "command": config.command or " ".join(recorded_command()),
         "midms_version": midms_cli.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,9 +1,9 @@
 """MIDMs training: the warm-up of the correspondence networks and the end-to-end recurrent phase.
 
-Warm-up (spec 2.1): the UNet is frozen and no diffusion step runs; the output is Decode(R0) and
-the GT path Decode(softwarp(z_gt, C_gt)). End-to-end (spec 2.2): the interleaved loop is unrolled
+Warm-up (the paper's first phase): the UNet is frozen and no diffusion step runs; the output is Decode(R0) and
+the GT path Decode(softwarp(z_gt, C_gt)). End-to-end (second phase): the interleaved loop is unrolled
 with gradients into the UNet and back into the correspondence networks, beside a GT trajectory
-and a one-step diffusion-loss branch. Losses and weights as spec 2.3.
+and a one-step diffusion-loss branch. Losses and weights as the official code.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ WARMUP_DIR = "warmup"
 
 @dataclass
 class Matches:
-    """The initial matches of one batch (spec 1.4, 1.7 step 1)."""
+    """The initial matches of one batch (Algorithm 1's first step)."""
 
     condition: ConditionFeatures  # c↓, D_x, f_x
     exemplar: ExemplarFeatures  # z_y, D_y, f_y
@@ -62,7 +62,7 @@ def initial_matches(model: MIDM, batch: dict[str, Tensor]) -> Matches:
 
 
 def diffusion_branch(model: MIDM, z_gt: Tensor, position: int, space: str) -> Tensor:
-    """Spec 2.2 / 2.3 #6: one DDIM step on a fresh q-sample of the clean GT latent at loop position k*.
+    """Diffusion-loss branch: one DDIM step on a fresh q-sample of the clean GT latent at position k*.
 
     The latent is noised at the grid point before the step (official off-by-one, with
     noise_offset "previous") and the UNet is queried at the step's own timestep. Returns
@@ -83,7 +83,7 @@ def diffusion_branch(model: MIDM, z_gt: Tensor, position: int, space: str) -> Te
 
 
 def segmentation_term(model: MIDM, matches: Matches, batch: dict[str, Tensor]) -> Tensor:
-    """LSUN warped-segmentation loss (spec 2.3 #7): warp the exemplar's one-hot with C0."""
+    """LSUN warped-segmentation loss: warp the exemplar's one-hot with C0."""
     exemplar_onehot = model.to_latent_grid(batch["ref_cond"], tuple(matches.warped.shape[-2:]))
     warped = soft_warp(exemplar_onehot, matches.condition.matching, matches.exemplar.matching,
                        model.config.sampling.tau)
@@ -96,7 +96,7 @@ def segmentation_term(model: MIDM, matches: Matches, batch: dict[str, Tensor]) -
 
 
 class MIDMsObjective(nn.Module):
-    """forward(batch) -> the spec 2.3 loss terms of one phase ("warmup" or "e2e") and their total."""
+    """forward(batch) -> the loss terms of one phase ("warmup" or "e2e") and their total."""
 
     def __init__(self, model: MIDM, feature_net: nn.Module, phase: str) -> None:
         super().__init__()
@@ -127,7 +127,7 @@ class MIDMsObjective(nn.Module):
             ),
             z_y,
         )
-        twice = self.phase == "warmup" and w.warmup_cycle_twice  # spec 5.13
+        twice = self.phase == "warmup" and w.warmup_cycle_twice  # as the official code
         terms["cycle"] = w.cycle * cycle * (2.0 if twice else 1.0)
         if self.phase == "warmup":
             output, source_output = model.decode(matches.warped), model.decode(matches.warped_gt)
@@ -171,7 +171,7 @@ class MIDMsObjective(nn.Module):
         return terms
 
     def _recurrent(self, matches: Matches, terms: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Spec 2.2: exemplar trajectory (re-warps fed back), GT trajectory (re-warps only for the
+        """The end-to-end pass: exemplar trajectory (re-warps fed back), GT trajectory (re-warps only for the
         cycle loss), iterative cycle losses (2b) and the diffusion-loss branch (6)."""
         w, model, tau = self.weights, self.model, self.model.config.sampling.tau
         z_y, z_gt = matches.exemplar.latent, matches.ground_truth.latent
@@ -251,7 +251,7 @@ class MIDMsTask:
 
 
 def parameter_groups(model: MIDM, training: TrainingConfig, phase: str) -> list[dict[str, Any]]:
-    """AdamW groups (spec 2.4): correspondence networks at lr_correspondence (end to end:
+    """AdamW groups: correspondence networks at lr_correspondence (end to end:
     lr_correspondence_e2e when set), the UNet at lr_unet.
 
     In warm-up the UNet is frozen and left out, so warm-up cannot change it (not even by weight decay).
@@ -467,7 +467,7 @@ def run_phase(
 
 
 def warmup(data: Path, out: Path, model_config: ModelConfig, base: Path, **kwargs: Any) -> loop.LoopResult:
-    """`midms warmup`: train the correspondence networks with the UNet frozen (spec 2.1)."""
+    """`midms warmup`: train the correspondence networks with the UNet frozen."""
     return run_phase("warmup", data, out, model_config, base=base, **kwargs)
 
 

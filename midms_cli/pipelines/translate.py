@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import midms_cli
+from midms_cli.atomic import atomic_path
 from midms_cli.checkpoint import RunDir, read_metadata, save_modules
-from midms_cli.conditions.io import load_condition
+from midms_cli.conditions.io import save_condition
 from midms_cli.config import (
+    SAMPLING_BUNDLES,
     ModelConfig,
     SamplingConfig,
     UNetConfig,
@@ -31,16 +32,27 @@ from midms_cli.config import (
     validate,
 )
 from midms_cli.errors import ConfigError, MidmsError
-from midms_cli.extractors import EXTRACTORS, get_extractor
-from midms_cli.images import load_image, save_png
-from midms_cli.models.midm import MIDM, ExemplarFeatures, LoopResult
+from midms_cli.extractors import get_extractor
+from midms_cli.images import save_png
+from midms_cli.models.midm import MIDM, ExemplarFeatures
 from midms_cli.models.model_file import midm_from_file
+from midms_cli.pipelines.inputs import (  # noqa: F401  (Pair and the readers are this module's API too)
+    CONDITION_SUFFIXES,
+    IMAGE_SUFFIXES,
+    Notice,
+    Pair,
+    check_pairs,
+    check_size,
+    pairs_from_folders,
+    read_condition,
+    read_exemplar,
+    read_pairs_file,
+)
+from midms_cli.pipelines.step_strip import labelled_strip, row_titles, step_strip
 from midms_cli.sampler import REFINERS, OfficialNoiseOrder, translate
 
 MODEL_KIND = "midms"
 BUNDLED_MODEL = Path(midms_cli.__file__).parent / "assets" / "midms-tiny.safetensors"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-CONDITION_SUFFIXES = (".png", ".npy", ".safetensors", ".json", ".txt")
 
 # --------------------------------------------------------------------------------------------
 # Model files
@@ -166,172 +178,6 @@ def sampling_settings(
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One translation job: condition file, exemplar photo, optional exemplar condition, output."""
-
-    condition: Path
-    exemplar: Path
-    output: Path
-    exemplar_condition: Path | None = None
-
-
-def _model_condition_kind(model: MIDM) -> str:
-    return model.config.condition
-
-
-def read_condition(model: MIDM, path: Path, size: int, extract: bool) -> Tensor:
-    """(C, size, size) condition in [0, 1]: read from a file, or extracted from a photo (`extract`)."""
-    kind = _model_condition_kind(model)
-    if extract:
-        photo = load_image(path, size)
-        extractor = get_extractor(kind, next(model.parameters()).device)  # canny, openpose, ade20k
-        condition = extractor(photo.unsqueeze(0))[0]
-    else:
-        condition = load_condition(path, kind, size)
-    expected = model.config.correspondence.cond_channels
-    if condition.shape[0] != expected:
-        raise MidmsError(
-            f"{path}: the condition has {condition.shape[0]} channels but the model expects "
-            f"{expected} ({kind!r}); give a {kind!r} condition"
-        )
-    return condition
-
-
-def read_exemplar(model: MIDM, path: Path, size: int, condition_path: Path | None) -> tuple[Tensor, Tensor]:
-    """The exemplar photo (3, size, size) in [−1, 1] and its own condition (spec 1.3).
-
-    The exemplar's condition is read from `condition_path`, else computed from the photo with
-    the model's renderer (only for kinds that a bare photo determines, e.g. canny).
-    """
-    image = load_image(path, size)
-    if condition_path is not None:
-        return image, read_condition(model, condition_path, size, extract=False)
-    kind = _model_condition_kind(model)
-    if kind not in EXTRACTORS:
-        raise MidmsError(
-            f"the exemplar's own {kind!r} condition cannot be computed from the photo {path}; "
-            "pass it with --ref-cond FILE"
-        )
-    return image, read_condition(model, path, size, extract=True)
-
-
-def check_size(model: MIDM, size: int | None) -> int:
-    """The working image size: the model's own unless --size asks otherwise (a multiple of the
-    first stage's and UNet's downsampling)."""
-    if size is None:
-        return model.config.image_size
-    factor = model.config.autoencoder.downsample * 2 ** (len(model.config.unet.channel_mult) - 1)
-    if size < factor or size % factor:
-        raise MidmsError(f"--size {size}: must be a positive multiple of {factor} for this model")
-    return size
-
-
-def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in suffixes}
-
-
-def pairs_from_folders(conditions: Path, exemplars: Path, out_dir: Path) -> list[Pair]:
-    """Each condition file paired with the exemplar photo of the same file stem; output STEM.png."""
-    condition_files = _files(conditions, CONDITION_SUFFIXES)
-    exemplar_files = _files(exemplars, IMAGE_SUFFIXES)
-    pairs = [
-        Pair(path, exemplar_files[stem], out_dir / f"{stem}.png")
-        for stem, path in condition_files.items()
-        if stem in exemplar_files
-    ]
-    if not pairs:
-        raise MidmsError(
-            f"no condition in {conditions} has an exemplar of the same name in {exemplars}; "
-            "name them alike (cond/0001.png + refs/0001.jpg) or use --pairs FILE"
-        )
-    return pairs
-
-
-def read_pairs_file(path: Path, out_dir: Path) -> list[Pair]:
-    """A pairs list: one `CONDITION EXEMPLAR [EXEMPLAR_CONDITION]` per line (whitespace or commas),
-    '#' comments; relative paths are relative to the list's folder. Output: OUT_DIR/<line>_<stem>.png."""
-    if not path.is_file():
-        raise MidmsError(f"pairs file {path} does not exist")
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split("#", 1)[0].replace(",", " ").split()
-        if not fields:
-            continue
-        if len(fields) not in (2, 3):
-            raise MidmsError(
-                f"{path}:{number}: expected 'CONDITION EXEMPLAR [EXEMPLAR_CONDITION]', got {line!r}"
-            )
-        files = [Path(f) if Path(f).is_absolute() else path.parent / f for f in fields]
-        output = out_dir / f"{len(pairs):05d}_{files[0].stem}.png"
-        pairs.append(Pair(files[0], files[1], output, files[2] if len(files) == 3 else None))
-    if not pairs:
-        raise MidmsError(f"pairs file {path} lists no pairs")
-    return pairs
-
-
-def check_inputs_exist(pairs: Iterable[Pair]) -> None:
-    """Fail before any work when a listed file is missing."""
-    for pair in pairs:
-        for role, file in (
-            ("condition", pair.condition),
-            ("exemplar", pair.exemplar),
-            ("exemplar condition", pair.exemplar_condition),
-        ):
-            if file is not None and not file.is_file():
-                raise MidmsError(f"{role} file {file} does not exist")
-
-
-def check_pairs(model: MIDM, pairs: list[Pair], size: int, extract: bool) -> None:
-    """Read every input of a batch once before any work, so a bad file late in the list fails the
-    command before the first output is written (a single pair is checked as it is read)."""
-    check_inputs_exist(pairs)
-    if len(pairs) < 2:
-        return
-    exemplars = set()
-    for pair in pairs:
-        read_condition(model, pair.condition, size, extract)
-        if (pair.exemplar, pair.exemplar_condition) not in exemplars:
-            read_exemplar(model, pair.exemplar, size, pair.exemplar_condition)
-            exemplars.add((pair.exemplar, pair.exemplar_condition))
-
-
-# --------------------------------------------------------------------------------------------
-# The step strip
-
-
-def _to_image(map_: Tensor, size: tuple[int, int]) -> Tensor:
-    """A (1, H, W) mask in {0, 1} as a (3, size) image in [−1, 1] (white = confident)."""
-    return F.interpolate(map_[None], size=size, mode="nearest")[0].expand(3, -1, -1) * 2 - 1
-
-
-@torch.no_grad()
-def step_strip(model: MIDM, initial_warp: Tensor, loop: LoopResult) -> Tensor:
-    """One row per interleaved step: [warp fed in, confidence mask, x0-prediction], decoded; (3, H', W').
-
-    Row 0 shows the initial warp R0 (everything confident); re-warp rows show R_k and M_k; rows
-    without a warp are grey in the first two columns.
-    """
-    rows = []
-    for step in loop.steps:
-        x0 = model.decode(step.x0_pred[:1]).clamp(-1, 1)[0]
-        size = tuple(x0.shape[-2:])
-        blank = torch.zeros_like(x0)
-        if step.position == 0:
-            warp, mask = model.decode(initial_warp[:1]).clamp(-1, 1)[0], torch.ones_like(x0)
-        elif step.rewarp is not None:
-            warp = model.decode(step.rewarp.warped[:1]).clamp(-1, 1)[0]
-            mask = _to_image(step.rewarp.mask[0], size)
-        else:
-            warp, mask = blank, blank
-        rows.append(torch.cat([warp, mask, x0], dim=2))
-    return torch.cat(rows, dim=1)
-
-
-# --------------------------------------------------------------------------------------------
 # Translation
 
 
@@ -344,10 +190,51 @@ class TranslateOptions:
     save_steps: bool = False
     pretrained_unet: torch.nn.Module | None = None
     noise_order: str = "midms"  # "official": the official forward's random stream from `seed`
+    fit: str = "crop"  # how non-square inputs become square (inputs.FITS)
+    save_condition: Path | None = None  # where to write the condition of a single pair, as used
+    notice: Notice | None = None  # receives notes and warnings (the CLI prints them on stderr)
 
 
 def steps_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.steps.png")
+
+
+def describe_sampler(sampling: SamplingConfig) -> dict[str, Any]:
+    """The sampler a translation actually ran: "official" or "corrected" only when every setting
+    is that bundle's default, else "custom" with the settings that differ from the official ones."""
+    settings = to_dict(sampling)
+    name = "custom"
+    for bundle in SAMPLING_BUNDLES:
+        if settings == to_dict(apply_sampling_variant(SamplingConfig(), bundle)):
+            name = bundle
+    official = to_dict(SamplingConfig())
+    return {
+        "name": name,
+        "quirks": sampling.variant,  # which bundle the grid / noise offset / mask rules come from
+        "interleaved_steps": sampling.interleaved_steps,
+        "ddim_steps": sampling.ddim_steps,
+        "refine": sampling.refine,
+        "differs_from_official": {
+            key: value for key, value in settings.items() if key != "variant" and value != official[key]
+        },
+    }
+
+
+def check_save_condition(model: MIDM, path: Path | None, pairs: list[Pair]) -> None:
+    """--save-condition names one file for one pair, in a format that holds the model's channels."""
+    if path is None:
+        return
+    if len(pairs) != 1:
+        raise MidmsError("--save-condition writes the condition of one pair; drop it in batch mode")
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".npy", ".safetensors"):
+        raise MidmsError(f"--save-condition {path}: name the file .png, .npy or .safetensors")
+    channels = model.config.correspondence.cond_channels
+    if suffix == ".png" and channels not in (1, 3):
+        raise MidmsError(
+            f"--save-condition {path}: a PNG holds 1 or 3 channels, a {model.config.condition!r} "
+            f"condition has {channels}; name the file .npy or .safetensors"
+        )
 
 
 def translate_pairs(
@@ -355,19 +242,23 @@ def translate_pairs(
 ) -> list[dict[str, Any]]:
     """Translate each pair with a generator seeded by `options.seed` (a pair's image does not depend
     on the other pairs); exemplar features are reused while consecutive pairs share an exemplar."""
-    size = check_size(model, options.size)
-    check_pairs(model, pairs, size, options.extract)
+    notice = options.notice or (lambda message: None)
+    size = check_size(model, options.size, notice)
+    check_save_condition(model, options.save_condition, pairs)
+    check_pairs(model, pairs, size, options.extract, options.fit)
     device = next(model.parameters()).device
     if options.extract:  # missing estimator weights fail here, before any work
-        get_extractor(_model_condition_kind(model), device)
+        get_extractor(model.config.condition, device)
     results, cached_key, cached = [], None, None
     for index, pair in enumerate(pairs):
         # Read and check both inputs before anything is computed or written.
-        condition = read_condition(model, pair.condition, size, options.extract)
+        condition = read_condition(model, pair.condition, size, options.extract, options.fit, notice)
         key = (pair.exemplar, pair.exemplar_condition)
         torch.manual_seed(options.seed)  # the KL posterior sample of an LSUN-style first stage
         if key != cached_key:
-            image, exemplar_condition = read_exemplar(model, pair.exemplar, size, pair.exemplar_condition)
+            image, exemplar_condition = read_exemplar(
+                model, pair.exemplar, size, pair.exemplar_condition, options.fit, notice
+            )
             with torch.no_grad():
                 cached = model.encode_exemplar(image[None].to(device), exemplar_condition[None].to(device))
             cached_key = key
@@ -378,9 +269,14 @@ def translate_pairs(
             "exemplar": str(pair.exemplar),
             "output": str(pair.output),
         }
+        if options.save_condition is not None:
+            save_condition(condition, options.save_condition)
+            record["saved_condition"] = str(options.save_condition)
         if options.save_steps:
             strip = step_strip(model, result.initial_warp, result.loop)
-            save_png(strip.cpu(), steps_path(pair.output))
+            strip = labelled_strip(strip, row_titles(result.loop))
+            with atomic_path(steps_path(pair.output)) as tmp:
+                strip.save(tmp, format="PNG")
             record["steps"] = str(steps_path(pair.output))
         results.append(record)
         if progress:

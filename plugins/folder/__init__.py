@@ -1,4 +1,4 @@
-"""folder: any folder of photos, with Canny edges as the condition (architecture section 4).
+"""folder: any folder of photos, with Canny edges as the condition.
 
 Items are the photo files under --source (recursive); the split is hashed from the file name
 unless CoCosNet-style lists are given, and exemplars come from a reference list built by

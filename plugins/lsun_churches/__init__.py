@@ -1,4 +1,4 @@
-"""lsun-churches: LSUN church photos + ADE20K-150 label PNGs -> 151-channel one-hot (spec 3.4).
+"""lsun-churches: LSUN church photos + ADE20K-150 label PNGs -> 151-channel one-hot.
 
 Layout under --source: photos (`*.jpg`, `*.webp`, `*.png` that are not labels) with a label map of
 the same name and the suffix `.png` beside each (the official `training/` and `validation/` folders

@@ -112,7 +112,7 @@ def test_translate_extract_names_the_missing_weights(tmp_path):
 
 
 def test_translate_extract_uses_the_registry(tmp_path, monkeypatch):
-    monkeypatch.setattr("midms_cli.pipelines.translate.get_extractor", fake_get_extractor)
+    monkeypatch.setattr("midms_cli.pipelines.inputs.get_extractor", fake_get_extractor)
     write_photos(tmp_path, ["photo.png"])
     condition = read_condition(ModelStandIn("ade20k", 151), tmp_path / "photo.png", SIZE, extract=True)
     assert torch.equal(condition.argmax(0), LABELS)
