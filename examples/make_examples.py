@@ -54,15 +54,19 @@ def main() -> None:
     rows = []
     for number, sample in enumerate(candidates(args.data, args.pairs), start=1):
         stem = HERE / f"{number:02d}"
-        condition, exemplar, output = (Path(f"{stem}_cond.png"), Path(f"{stem}_ref.png"),
-                                       Path(f"{stem}_out.png"))
+        condition, exemplar, output = (
+            Path(f"{stem}_cond.png"),
+            Path(f"{stem}_ref.png"),
+            Path(f"{stem}_out.png"),
+        )
         save_condition(sample["cond"], condition)
         save_png(sample["ref"], exemplar)
         image = translate_files(model, condition, exemplar, output)
         save_png(sample["oracle"], Path(f"{stem}_oracle.png"))
         rows.append([condition_picture(sample["cond"]), sample["ref"], image, sample["oracle"]])
         value = float(psnr(image[None], sample["oracle"][None])[0])
-        print(f"{stem.name}: {sample['meta']['key']} ({sample['meta'].get('pairing')}) oracle PSNR {value:.2f} dB")
+        pairing = sample["meta"].get("pairing")
+        print(f"{stem.name}: {sample['meta']['key']} ({pairing}) oracle PSNR {value:.2f} dB")
     save_labelled_grid(HERE / "overview.png", rows, ("condition", "exemplar", "output", "oracle"))
 
 

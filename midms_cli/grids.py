@@ -45,12 +45,14 @@ def labelled_grid(
     for column, caption in enumerate(captions):
         left = GAP + column * (width + GAP)
         text_width = draw.textlength(caption, font=font)
-        draw.text((left + max(0.0, (width - text_width) / 2), top - CAPTION_HEIGHT + 2), caption, fill="black",
-                  font=font)  # fmt: skip
+        position = (left + max(0.0, (width - text_width) / 2), top - CAPTION_HEIGHT + 2)
+        draw.text(position, caption, fill="black", font=font)
     for r, row in enumerate(rows):
         for column, tile in enumerate(row):
             pixels = ((tile.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).resize((width, height), Image.NEAREST)
+            picture = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).resize(
+                (width, height), Image.NEAREST
+            )
             canvas.paste(picture, (GAP + column * (width + GAP), top + GAP + r * (height + GAP)))
     array = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float()
     return array / 127.5 - 1

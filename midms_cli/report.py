@@ -127,16 +127,24 @@ def bar_chart(results: Mapping[str, Any], headline: Headline, labels: Mapping[st
         length = max(value, 0.0) * scale
         colour = "#3a7d3a" if name in best else "#999" if name in NOT_COMPETING else "#5b7fb3"
         label = html.escape(labels.get(name, name))
-        parts.append(f'<text x="{left - 6}" y="{y + bar - 4}" font-size="11" text-anchor="end">{label}</text>')
+        parts.append(
+            f'<text x="{left - 6}" y="{y + bar - 4}" font-size="11" text-anchor="end">{label}</text>'
+        )
         parts.append(f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{bar}" fill="{colour}"/>')
         sd = spreads.get(name, {}).get(headline.key)
         if sd:
             lo, hi = left + max(value - sd, 0.0) * scale, left + (value + sd) * scale
-            parts.append(f'<line x1="{lo:.1f}" x2="{hi:.1f}" y1="{y + bar / 2}" y2="{y + bar / 2}" stroke="#222"/>')
-        parts.append(f'<text x="{left + length + 4:.1f}" y="{y + bar - 4}" font-size="11">{_number(value)}</text>')
+            parts.append(
+                f'<line x1="{lo:.1f}" x2="{hi:.1f}" y1="{y + bar / 2}" y2="{y + bar / 2}" stroke="#222"/>'
+            )
+        parts.append(
+            f'<text x="{left + length + 4:.1f}" y="{y + bar - 4}" font-size="11">{_number(value)}</text>'
+        )
     parts.append("</svg>")
     arrow = "higher is better" if headline.higher_is_better else "lower is better"
-    return f"<figure>{''.join(parts)}<figcaption>{html.escape(headline.title)} ({arrow})</figcaption></figure>"
+    return (
+        f"<figure>{''.join(parts)}<figcaption>{html.escape(headline.title)} ({arrow})</figcaption></figure>"
+    )
 
 
 def sample_grid(rows: Sequence[Mapping[str, str | None]]) -> str:
@@ -160,24 +168,37 @@ def sample_grid(rows: Sequence[Mapping[str, str | None]]) -> str:
 def per_part_tables(results: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     """Per-region numbers (keys with a region suffix), one folded table per metric family."""
     methods = results["methods"]
-    families = (("oracle_output_psnr_", "oracle PSNR per part (dB)"), ("oracle_output_l1_", "oracle L1 per part"),
-                ("part_colour_error_", "colour error per region"), ("swd_oracle_", "SWD vs oracles per level"),
-                ("swd_", "SWD vs sources per level"))  # fmt: skip
+    families = (
+        ("oracle_output_psnr_", "oracle PSNR per part (dB)"),
+        ("oracle_output_l1_", "oracle L1 per part"),
+        ("part_colour_error_", "colour error per region"),
+        ("swd_oracle_", "SWD vs oracles per level"),
+        ("swd_", "SWD vs sources per level"),
+    )
     out = []
     for prefix, title in families:
-        keys = sorted({k for row in methods.values() for k in row if k.startswith(prefix)
-                       and not any(k.startswith(p) for p, _ in families if p != prefix and p.startswith(prefix))})
+        keys = sorted(
+            {
+                k
+                for row in methods.values()
+                for k in row
+                if k.startswith(prefix)
+                and not any(k.startswith(p) for p, _ in families if p != prefix and p.startswith(prefix))
+            }
+        )
         if not keys:
             continue
         header = "<tr><th>region</th>" + "".join(
             f"<th>{html.escape(labels.get(n, n))}</th>" for n in methods) + "</tr>"  # fmt: skip
         body = [
-            f"<tr><td>{html.escape(key[len(prefix):])}</td>"
+            f"<tr><td>{html.escape(key[len(prefix) :])}</td>"
             + "".join(f'<td class="num">{_number(row.get(key, "-"))}</td>' for row in methods.values())
             + "</tr>"
             for key in keys
         ]
-        out.append(f"<details><summary>{html.escape(title)}</summary><table>{header}{''.join(body)}</table></details>")
+        out.append(
+            f"<details><summary>{html.escape(title)}</summary><table>{header}{''.join(body)}</table></details>"
+        )
     return "\n".join(out)
 
 
@@ -197,13 +218,17 @@ def protocol_section(protocol: Mapping[str, Any]) -> str:
     weights = protocol.get("weights") or {}
     parts.append("<h3>weights</h3>")
     parts.append(
-        _key_value_table({"model file": protocol.get("model", "model"), "sha256": protocol.get("model_hash", "")})
+        _key_value_table(
+            {"model file": protocol.get("model", "model"), "sha256": protocol.get("model_hash", "")}
+        )
     )
     if weights:
         parts.append(_key_value_table({f"{name} sha256": digest for name, digest in weights.items()}))
     else:
-        parts.append('<p class="note">No metric network was used (FID, LPIPS and the VGG metrics need '
-                     "weights added with <code>midms weights add</code>; they were skipped).</p>")
+        parts.append(
+            '<p class="note">No metric network was used (FID, LPIPS and the VGG metrics need '
+            "weights added with <code>midms weights add</code>; they were skipped).</p>"
+        )
     for key, value in protocol.items():
         if isinstance(value, dict) and key != "weights" and value:
             parts += [f"<h3>{html.escape(key)}</h3>", _key_value_table(value)]
@@ -228,7 +253,7 @@ def render_report(
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         *[f'<p class="note"><strong>{html.escape(note)}</strong></p>' for note in notes],
-        f"<h2>Results</h2><p class=\"note\">{protocol.get('primary_pairs', '?')} pairs, {spread}. "
+        f'<h2>Results</h2><p class="note">{protocol.get("primary_pairs", "?")} pairs, {spread}. '
         "Best of each column in bold (the ceiling row is a bound, not a competitor). Oracle = the "
         "condition's geometry in the exemplar's appearance; part colour error = distance between the "
         "mean colours of each labelled region of the output and of the oracle.</p>",

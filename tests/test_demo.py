@@ -21,9 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 # Smaller than `--quick`: the same stages and code path, a couple of steps each.
-TINY = demo.DemoProfile("quick", "test", train_count=16, eval_count=4, autoencoder_iters=2, diffusion_iters=2,
-                        warmup_iters=2, train_iters=1, batch_size=2, grid=2,
-                        sampler={"refine": "none", "interleaved_steps": 1, "ddim_steps": 32, "tau": 0.02})
+TINY = demo.DemoProfile(
+    "quick",
+    "test",
+    train_count=16,
+    eval_count=4,
+    autoencoder_iters=2,
+    diffusion_iters=2,
+    warmup_iters=2,
+    train_iters=1,
+    batch_size=2,
+    grid=2,
+    sampler={"refine": "none", "interleaved_steps": 1, "ddim_steps": 32, "tau": 0.02},
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +80,10 @@ def test_demo_outputs_are_valid_images_and_a_loadable_model(demo_run):
         grid.load()
         # One captioned row per pair: condition | exemplar | output | oracle, tiles enlarged twice.
         tile = 2 * 64 + GAP
-        assert grid.mode == "RGB" and grid.size == (4 * tile + GAP, 2 * CAPTION_HEIGHT + TINY.grid * tile + GAP)
+        assert grid.mode == "RGB" and grid.size == (
+            4 * tile + GAP,
+            2 * CAPTION_HEIGHT + TINY.grid * tile + GAP,
+        )
     outputs = sorted((out / "eval" / "images" / "output").glob("*.png"))
     assert len(outputs) == TINY.eval_count
     for path in outputs:
@@ -154,8 +167,12 @@ def test_labelled_grid_places_tiles_under_their_captions():
     left = lambda column: GAP + column * (6 + GAP)  # noqa: E731
     for row in range(2):
         top = CAPTION_HEIGHT + GAP + row * (6 + GAP)
-        values = [grid[:, top:top + 6, left(c):left(c) + 6] for c in range(3)]
-        assert [v.unique().tolist() for v in values] == [[-1.0], [pytest.approx(128 / 127.5 - 1, abs=1e-6)], [1.0]]
+        values = [grid[:, top : top + 6, left(c) : left(c) + 6] for c in range(3)]
+        assert [v.unique().tolist() for v in values] == [
+            [-1.0],
+            [pytest.approx(128 / 127.5 - 1, abs=1e-6)],
+            [1.0],
+        ]
     with pytest.raises(ValueError, match="one tile per caption"):
         labelled_grid([[tiles[0][0]]], ("a", "b"))
 
@@ -168,15 +185,35 @@ def test_condition_picture_draws_edges_black_on_white():
 
 
 def test_headline_numbers_flattens_every_method():
-    results = {"methods": {"model": {"oracle_output_psnr": 20.123456, "swd_oracle": 5.0, "oracle_warp_psnr": 1.0},
-                           "exemplar_copy": {"oracle_output_psnr": 18.0}}}
-    assert demo_stages.headline_numbers(results) == {"model.oracle_psnr": 20.1235, "model.swd_oracle": 5.0,
-                                                     "exemplar_copy.oracle_psnr": 18.0}
+    results = {
+        "methods": {
+            "model": {"oracle_output_psnr": 20.123456, "swd_oracle": 5.0, "oracle_warp_psnr": 1.0},
+            "exemplar_copy": {"oracle_output_psnr": 18.0},
+        }
+    }
+    assert demo_stages.headline_numbers(results) == {
+        "model.oracle_psnr": 20.1235,
+        "model.swd_oracle": 5.0,
+        "exemplar_copy.oracle_psnr": 18.0,
+    }
 
 
 def test_demo_rejects_quick_together_with_another_profile(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "midms_cli", "demo", "--quick", "--profile", "bundle",
-                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "midms_cli",
+            "demo",
+            "--quick",
+            "--profile",
+            "bundle",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--quick or --profile" in result.stderr
     assert not (tmp_path / "x").exists()
@@ -195,8 +232,12 @@ def test_translate_example_with_the_bundled_model_and_no_other_argument(tmp_path
     assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 20 * 2**20
     condition, exemplar = _example_pair()
     out = tmp_path / "tmp" / "out.png"
-    result = subprocess.run([sys.executable, "-m", "midms_cli", "translate", str(condition), str(exemplar),
-                             "-o", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "midms_cli", "translate", str(condition), str(exemplar), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     with Image.open(out) as image:
         image.load()
@@ -205,8 +246,8 @@ def test_translate_example_with_the_bundled_model_and_no_other_argument(tmp_path
 
 def test_demo_shows_the_bundled_model_on_new_pairs_with_every_method(tmp_path):
     out = tmp_path / "show"
-    result = subprocess.run([sys.executable, "-m", "midms_cli", "--json", "demo", "--out", str(out), "--pairs", "4"],
-                            capture_output=True, text=True)  # fmt: skip
+    command = [sys.executable, "-m", "midms_cli", "--json", "demo", "--out", str(out), "--pairs", "4"]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     summary = _last_json(result.stdout)
     assert list(summary["methods"]) == ["model", "no_mask", "no_rewarp", "initial_warp", "exemplar_copy",

@@ -60,7 +60,9 @@ def methods_table(summary: dict[str, Any]) -> Table:
         cells = []
         for key in keys:
             sd = spreads.get(name, {}).get(key)
-            cells.append("-" if key not in row else f"{row[key]:.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+            cells.append(
+                "-" if key not in row else f"{row[key]:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
+            )
         table.add_row(name, *cells)
     table.caption = f"grid: {summary['grid']}   report: {summary['report']}   ({summary['seconds']:.0f} s)"
     table.caption_justify = "left"
@@ -69,19 +71,27 @@ def methods_table(summary: dict[str, Any]) -> Table:
 
 def demo_command(
     out: Path | None = typer.Option(
-        None, "--out", "-o",
+        None,
+        "--out",
+        "-o",
         help="Output folder (default: midms-demo, or midms-demo-PROFILE with --train; a rerun of a "
         "training demo skips finished stages).",
     ),
     train: bool = typer.Option(False, "--train", help="Train your own model through every stage instead."),
-    quick: bool = typer.Option(False, "--quick",
-                               help="With --train: a few steps per stage (a smoke test; its outputs are noise)."),
-    profile: str = typer.Option("full", "--profile",
-                                help="With --train: " + "; ".join(f"{name}: {p.summary}"
-                                                                  for name, p in PROFILES.items()) + "."),
-    model: Path | None = typer.Option(None, "--model", "-m",
-                                      help="Without --train: the model to show (default: the bundled model)."),
-    pairs: int = typer.Option(64, "--pairs", min=2, help="Without --train: new pairs generated and evaluated."),
+    quick: bool = typer.Option(
+        False, "--quick", help="With --train: a few steps per stage (a smoke test; its outputs are noise)."
+    ),
+    profile: str = typer.Option(
+        "full",
+        "--profile",
+        help="With --train: " + "; ".join(f"{name}: {p.summary}" for name, p in PROFILES.items()) + ".",
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Without --train: the model to show (default: the bundled model)."
+    ),
+    pairs: int = typer.Option(
+        64, "--pairs", min=2, help="Without --train: new pairs generated and evaluated."
+    ),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Without --train: noise seeds of the evaluation."),
     seed: int = typer.Option(0, "--seed", help="Seed of data generation (and of training with --train)."),
 ) -> None:

@@ -90,7 +90,9 @@ class OracleAccumulator:
         return out
 
 
-def part_mean_colours(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def part_mean_colours(
+    images: torch.Tensor, labels: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean colour of every labelled region: images (B, 3, H, W) in [-1, 1], labels (B, H, W) ids in
     [0, count). Returns colours (B, count, 3) on the [0, 1] scale and pixel counts (B, count)."""
     one_hot = torch.nn.functional.one_hot(labels.long(), count).to(torch.float64)  # (B, H, W, count)

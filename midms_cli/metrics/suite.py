@@ -79,7 +79,10 @@ class MetricSuite:
         """The output's descriptor set and one per reference; the references share their positions,
         which are drawn independently of the output's (PGGAN)."""
         real, fake = descriptor_sets(self.resolution, self.seed)
-        return {"output": fake, **{name: DescriptorSet(self.resolution, real.seed) for name in SWD_REFERENCES}}
+        return {
+            "output": fake,
+            **{name: DescriptorSet(self.resolution, real.seed) for name in SWD_REFERENCES},
+        }
 
     # Networks, loaded from the registry on first use unless given.
 

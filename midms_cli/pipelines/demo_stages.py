@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from midms_cli.errors import MidmsError
-from midms_cli.images import save_png
 from midms_cli.pipelines.demo import (
     BUNDLE_NAME,
     DATASET,
@@ -37,18 +36,27 @@ def stage_prepare(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]
     plugin = get_plugin(DATASET)
     profile, out = options.profile, data_dir(options.out)
     counts = {}
-    for split, count, seed in (("train", profile.train_count, options.seed),
-                               ("val", profile.eval_count, options.seed + 1)):
+    for split, count, seed in (
+        ("train", profile.train_count, options.seed),
+        ("val", profile.eval_count, options.seed + 1),
+    ):
         config = PrepareConfig(
-            dataset=DATASET, out=out, size=IMAGE_SIZE, splits=(split,), limit=count, shard_size=256,
-            seed=seed, options={"variant": profile.variant, f"{split}_count": count},
+            dataset=DATASET,
+            out=out,
+            size=IMAGE_SIZE,
+            splits=(split,),
+            limit=count,
+            shard_size=256,
+            seed=seed,
+            options={"variant": profile.variant, f"{split}_count": count},
             command=f"midms prepare synthfaces --out {out} --size {IMAGE_SIZE} --split {split} "
-                    f"--limit {count} --shard-size 256 --seed {seed} --variant {profile.variant} "
-                    f"--{split}-count {count}",
+            f"--limit {count} --shard-size 256 --seed {seed} --variant {profile.variant} "
+            f"--{split}-count {count}",
         )
         with options.bar(f"prepare {split}", count) as advance:
-            result = prepare(config, plugin, progress=lambda _split, done, _total: advance(done),
-                             report=options.log)
+            result = prepare(
+                config, plugin, progress=lambda _split, done, _total: advance(done), report=options.log
+            )
         counts[f"{split}_samples"] = result["splits"][split]["count"]
     return counts, {"data": str(out)}
 
@@ -59,13 +67,28 @@ def _pretrain(options: DemoOptions, kind: str) -> tuple[dict[str, Any], dict[str
     profile = options.profile
     iters = profile.autoencoder_iters if kind == "autoencoder" else profile.diffusion_iters
     lr = profile.autoencoder_lr if kind == "autoencoder" else profile.diffusion_lr
-    config = PretrainConfig(model=kind, lr=lr, batch_size=profile.batch_size, max_iters=iters,
-                            amp=profile.amp, checkpoint_every=max(10, min(250, iters)), sample_every=0,
-                            seed=2021 + options.seed)
+    config = PretrainConfig(
+        model=kind,
+        lr=lr,
+        batch_size=profile.batch_size,
+        max_iters=iters,
+        amp=profile.amp,
+        checkpoint_every=max(10, min(250, iters)),
+        sample_every=0,
+        seed=2021 + options.seed,
+    )
     autoencoder = run_dir(options.out, "autoencoder") if kind == "diffusion" else None
-    result = pretrain(kind, data_dir(options.out), run_dir(options.out, kind), model_config(profile), config,
-                      autoencoder=autoencoder, device_name=options.device, progress=options.show_progress,
-                      extra={"command": command_line(), "demo_stage": kind})
+    result = pretrain(
+        kind,
+        data_dir(options.out),
+        run_dir(options.out, kind),
+        model_config(profile),
+        config,
+        autoencoder=autoencoder,
+        device_name=options.device,
+        progress=options.show_progress,
+        extra={"command": command_line(), "demo_stage": kind},
+    )
     return _loop_numbers(result), {"run": str(run_dir(options.out, kind))}
 
 
@@ -102,9 +125,13 @@ def warmup_base(options: DemoOptions) -> Path:
         config = model_config(options.profile)
         first_stage = load_first_stage(run_dir(options.out, "autoencoder"), config)
         torch.manual_seed(2021 + options.seed)
-        save_modules(path, {"first_stage": first_stage, "unet": UNetModel(config.unet)},
-                     ldm_config(config, with_unet=True), LDM_KIND,
-                     {"trained_by": "midms demo: autoencoder stage's first stage, untrained UNet"})
+        save_modules(
+            path,
+            {"first_stage": first_stage, "unet": UNetModel(config.unet)},
+            ldm_config(config, with_unet=True),
+            LDM_KIND,
+            {"trained_by": "midms demo: autoencoder stage's first stage, untrained UNet"},
+        )
     return path
 
 
@@ -121,10 +148,14 @@ def train_init(options: DemoOptions) -> Path:
     _, modules = load_ldm(resolve_model_file(run_dir(options.out, "diffusion")))
     for name, tensor in modules["first_stage"].state_dict().items():
         if not torch.equal(tensor, model.first_stage.state_dict()[name]):
-            raise MidmsError(f"the warm-up and diffusion stages of {options.out} used different first stages "
-                             f"({name} differs); delete {run_dir(options.out, 'warmup')} and rerun the demo")
+            raise MidmsError(
+                f"the warm-up and diffusion stages of {options.out} used different first stages "
+                f"({name} differs); delete {run_dir(options.out, 'warmup')} and rerun the demo"
+            )
     model.unet.load_state_dict(modules["unet"].state_dict())
-    save_midm(path, model, {"trained_by": "midms demo: warm-up correspondence with the diffusion stage's UNet"})
+    save_midm(
+        path, model, {"trained_by": "midms demo: warm-up correspondence with the diffusion stage's UNet"}
+    )
     return path
 
 
@@ -185,9 +216,10 @@ def stage_translate(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str
     device = next(model.parameters()).device
     samples = held_out_samples(options.out, options.profile.grid)
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    result = translate(model, torch.stack([s["cond"] for s in samples]).to(device),
-                       torch.stack([s["ref"] for s in samples]).to(device),
-                       torch.stack([s["ref_cond"] for s in samples]).to(device), generator=generator)  # fmt: skip
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([s[name] for s in samples]).to(device)
+
+    result = translate(model, stack("cond"), stack("ref"), stack("ref_cond"), generator=generator)
     rows = [[condition_picture(s["cond"]), s["ref"], output.cpu(), s["oracle"]]
             for s, output in zip(samples, result.image, strict=True)]  # fmt: skip
     path = options.out / "grid.png"
@@ -209,24 +241,45 @@ def stage_evaluate(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]
     count = options.profile.eval_count
     with options.bar("evaluate", count) as advance:
         evaluation = evaluate_model(
-            options.out / BUNDLE_NAME, data_dir(options.out), split="val",
-            out_dir=out, metrics=chosen, limit=count, seed=options.seed, baselines=True,
-            diversity=2 if "lpips" in chosen else 0, batch_size=16, device=resolve_device(options.device),
-            report=options.log, progress=advance, notes=profile_notes(options.profile),
+            options.out / BUNDLE_NAME,
+            data_dir(options.out),
+            split="val",
+            out_dir=out,
+            metrics=chosen,
+            limit=count,
+            seed=options.seed,
+            baselines=True,
+            diversity=2 if "lpips" in chosen else 0,
+            batch_size=16,
+            device=resolve_device(options.device),
+            report=options.log,
+            progress=advance,
+            notes=profile_notes(options.profile),
         )
-    return headline_numbers(evaluation["results"]), {"report": str(out / "report.html"),
-                                                      "results": str(out / "results.json")}
+    return headline_numbers(evaluation["results"]), {
+        "report": str(out / "report.html"),
+        "results": str(out / "results.json"),
+    }
 
 
-HEADLINE_KEYS = ("oracle_output_psnr", "oracle_output_l1", "part_colour_error", "swd_oracle", "swd", "fid",
-                 "lpips_diversity")
+HEADLINE_KEYS = (
+    "oracle_output_psnr",
+    "oracle_output_l1",
+    "part_colour_error",
+    "swd_oracle",
+    "swd",
+    "fid",
+    "lpips_diversity",
+)
 
 
 def profile_notes(profile: Any) -> list[str]:
     """What a reader of the report must know about the run before reading its numbers."""
     if profile.name == "quick":
-        return ["Quick profile: a few optimizer steps per stage, to check the pipeline runs. Its outputs are "
-                "noise by design; `midms demo` shows the bundled model instead."]
+        return [
+            "Quick profile: a few optimizer steps per stage, to check the pipeline runs. Its outputs are "
+            "noise by design; `midms demo` shows the bundled model instead."
+        ]
     return []
 
 
@@ -249,10 +302,18 @@ def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     if options.profile.half_precision_export:
         model = copy.deepcopy(model).half()
     path = options.out / BUNDLE_NAME
-    save_modules(path, model.modules_to_save(), model.config, "midms",
-                 {"trained_by": command_line(), "demo_profile": options.profile.name,
-                  "demo_seed": options.seed,
-                  "dataset": f"synthfaces variant={options.profile.variant} size={IMAGE_SIZE}"})
+    save_modules(
+        path,
+        model.modules_to_save(),
+        model.config,
+        "midms",
+        {
+            "trained_by": command_line(),
+            "demo_profile": options.profile.name,
+            "demo_seed": options.seed,
+            "dataset": f"synthfaces variant={options.profile.variant} size={IMAGE_SIZE}",
+        },
+    )
     return {"megabytes": round(path.stat().st_size / 2**20, 2)}, {"model": str(path)}
 
 

@@ -194,7 +194,9 @@ class ModelEvaluation:
         condition, exemplar = file_stem(job.pair.condition), file_stem(job.pair.exemplar)
         row: dict[str, Any] = {
             "label": f"{job.pair.condition} / {job.pair.exemplar}",
-            "condition": self._write("condition", condition, condition_preview(job.condition["cond"], self.kind)),
+            "condition": self._write(
+                "condition", condition, condition_preview(job.condition["cond"], self.kind)
+            ),
             "exemplar": self._write("exemplar", exemplar, job.exemplar["ref"]),
             "output": f"images/output/{name}.png",
             "source": self._write("source", condition, job.condition["image"]),

@@ -208,9 +208,17 @@ def evaluate_model(
     from midms_cli.pipelines.translate import load_midm, resolve_model_file
 
     options = EvalOptions(
-        split=split, out_dir=Path(out_dir), metrics=metrics, limit=limit, seed=seed, baselines=baselines,
-        pairs_path=Path(pairs_path) if pairs_path else None, diversity=diversity, batch_size=batch_size,
-        seeds=seeds, device=device or torch.device("cpu"),
+        split=split,
+        out_dir=Path(out_dir),
+        metrics=metrics,
+        limit=limit,
+        seed=seed,
+        baselines=baselines,
+        pairs_path=Path(pairs_path) if pairs_path else None,
+        diversity=diversity,
+        batch_size=batch_size,
+        seeds=seeds,
+        device=device or torch.device("cpu"),
     )
     if limit is not None and limit < 1:
         raise MidmsError(f"--limit must be at least 1, got {limit}")
@@ -223,7 +231,9 @@ def evaluate_model(
     root = Path(data_root)
     index = read_index(root, split)
     has_oracle = index.get("plugin") == "synthfaces"
-    chosen = select_metrics(metrics, has_oracle=has_oracle, provided=provided_weights(networks), report=report)
+    chosen = select_metrics(
+        metrics, has_oracle=has_oracle, provided=provided_weights(networks), report=report
+    )
     pairs = plan_pairs(split_keys(root, split), options)
     if not chosen:
         raise MidmsError("no metric can run: add the weights named above, or ask for --metrics swd")

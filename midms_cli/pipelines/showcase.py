@@ -78,9 +78,10 @@ def draw_grid(model: Any, data: Path, path: Path, options: ShowcaseOptions, devi
         if len(samples) == options.grid:
             break
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    result = translate(model, torch.stack([s["cond"] for s in samples]).to(device),
-                       torch.stack([s["ref"] for s in samples]).to(device),
-                       torch.stack([s["ref_cond"] for s in samples]).to(device), generator=generator)  # fmt: skip
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([s[name] for s in samples]).to(device)
+
+    result = translate(model, stack("cond"), stack("ref"), stack("ref_cond"), generator=generator)
     rows = [[condition_picture(s["cond"]), s["ref"], output.cpu(), s["oracle"]]
             for s, output in zip(samples, result.image, strict=True)]  # fmt: skip
     save_labelled_grid(path, rows, GRID_CAPTIONS)

@@ -1,4 +1,4 @@
-"""synthfaces: generated face-like images with exact part masks and a known oracle (architecture 4).
+"""synthfaces: generated face-like images with exact part masks and a known oracle.
 
 No download: every sample is rendered from its index and the seed. The condition comes from the
 face's geometry; the exemplar is another face, with another geometry and (by default) an appearance
@@ -46,7 +46,7 @@ __all__ = [
 
 CHUNK = 16  # samples generated per thread-setting switch
 
-# Reference probabilities of spec 3.1 / Appendix A: hard 0.2, easy 0.5, self 0.3 (training).
+# The official training mix of exemplars (MIDMs and CoCosNet data loaders): hard 0.2, easy 0.5, self 0.3.
 # Validation pairs are never "self" (a self pair is trivial to translate): hard 0.2, easy 0.8.
 MIXED_PROBABILITIES = {"train": {"hard": 0.2, "easy": 0.5, "self": 0.3}, "val": {"hard": 0.2, "easy": 0.8}}
 # The exemplar's appearance under "auto": training pairs look like a real dataset's (the photo's own
@@ -70,7 +70,7 @@ class SynthFaces(BasePlugin):
     options = (
         PluginOption("variant", str, "official", "condition: official 15-channel CelebA-HQ recipe or canny",
                      choices=tuple(VARIANTS)),
-        PluginOption("pairing", str, "mixed", "exemplar pairing: mixed (spec 3.1 mix), easy, hard or self",
+        PluginOption("pairing", str, "mixed", "exemplar pairing: mixed (the official training mix), easy, hard or self",
                      choices=("mixed", *PAIRINGS)),
         PluginOption("exemplar_appearance", str, "auto",
                      "exemplar colours: auto (similar for train, independent for val), same, similar or "

@@ -1,4 +1,4 @@
-"""Procedural face-like images with CelebAMask-HQ-style part masks (architecture section 4).
+"""Procedural face-like images with CelebAMask-HQ-style part masks.
 
 A face is a GEOMETRY (shapes, positions, sizes, pose) and an APPEARANCE (colours, textures,
 background pattern), drawn from separate random streams. `render(geometry, appearance, size)` is a

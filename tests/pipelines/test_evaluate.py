@@ -158,11 +158,17 @@ def test_baseline_rows_score_the_exemplar_the_source_photo_and_the_oracle_itself
         return torch.round((images + 1) * 127.5) / 127.5 - 1
 
     oracle = torch.stack([s["oracle"] for s in samples])
-    for row, images in (("exemplar_copy", [s["ref"] for s in samples]), ("source_photo", [s["image"] for s in samples])):
+    for row, images in (
+        ("exemplar_copy", [s["ref"] for s in samples]),
+        ("source_photo", [s["image"] for s in samples]),
+    ):
         expected = psnr(quantised(torch.stack(images)), oracle).mean().item()
         assert methods[row]["oracle_output_psnr"] == pytest.approx(expected, abs=1e-9)
     # The val exemplars have their own colours: neither the copy nor the photo is the answer.
-    assert methods["exemplar_copy"]["oracle_output_psnr"] < 40 and methods["source_photo"]["oracle_output_psnr"] < 40
+    assert (
+        methods["exemplar_copy"]["oracle_output_psnr"] < 40
+        and methods["source_photo"]["oracle_output_psnr"] < 40
+    )
     assert methods["source_photo"]["part_colour_error"] > 0
 
 

@@ -87,9 +87,12 @@ def test_independent_exemplar_has_its_own_appearance_and_geometry_and_the_oracle
     geometry, ref_geometry = geometry_of(2, 0), exemplar_geometry(2, 0, pairing)
     ref_appearance = exemplar_appearance(2, 0, "independent")
     assert ref_geometry != geometry and ref_appearance != appearance_of(2, 0)
-    assert pair["meta"]["ref_appearance"] == ref_appearance and pair["meta"]["exemplar_appearance"] == "independent"
+    assert (
+        pair["meta"]["ref_appearance"] == ref_appearance
+        and pair["meta"]["exemplar_appearance"] == "independent"
+    )
     assert torch.equal(pair["ref"], render(ref_geometry, ref_appearance, SIZE)[0])
-    # The oracle: the condition's geometry painted in the exemplar's colours; neither the photo nor the exemplar.
+    # The oracle: the condition's geometry in the exemplar's colours; neither the photo nor the exemplar.
     assert torch.equal(pair["oracle"], oracle(geometry, ref_appearance, SIZE))
     assert not torch.equal(pair["oracle"], pair["image"]) and not torch.equal(pair["oracle"], pair["ref"])
 
