@@ -471,28 +471,42 @@ class RunDir:
         self._prune(step)
         return checkpoint
 
-    def steps(self) -> list[int]:
-        """Steps that have a checkpoint file, ascending."""
+    def steps(self, *, with_state: bool = False) -> list[int]:
+        """Steps that have a checkpoint file (with_state: and a training state file), ascending."""
         if not self.path.is_dir():
             return []
-        matches = (_STEP_FILE.match(p.name) for p in self.path.iterdir())
-        return sorted(int(m.group(2)) for m in matches if m and m.group(1) == "ckpt")
+        found: dict[str, set[int]] = {"ckpt": set(), "state": set()}
+        for entry in self.path.iterdir():
+            match = _STEP_FILE.match(entry.name)
+            if match:
+                found[match.group(1)].add(int(match.group(2)))
+        steps = found["ckpt"] & found["state"] if with_state else found["ckpt"]
+        return sorted(steps)
 
-    def _pointer(self) -> dict[str, Any] | None:
+    def _pointer(self, with_state: bool) -> dict[str, Any] | None:
         try:
             pointer = json.loads(self.pointer_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
         if not isinstance(pointer, dict) or not (self.path / str(pointer.get("checkpoint"))).is_file():
             return None
+        if with_state and not (pointer.get("state") and (self.path / str(pointer["state"])).is_file()):
+            return None
+        if not isinstance(pointer.get("step"), int):
+            return None
         return pointer
 
-    def latest_step(self) -> int | None:
-        """The newest complete step: the pointer's, else (pointer lost) the highest checkpoint on disk."""
-        pointer = self._pointer()
+    def latest_step(self, *, with_state: bool = False) -> int | None:
+        """The newest complete step: the pointer's, else (pointer lost or not written yet) the highest
+        step on disk whose files are all there; with_state, a step needs its training state too.
+
+        Files are written atomically, so one that exists is whole; a process killed between the
+        checkpoint and its state leaves a checkpoint alone, which with_state never counts.
+        """
+        pointer = self._pointer(with_state)
         if pointer is not None:
             return int(pointer["step"])
-        steps = self.steps()
+        steps = self.steps(with_state=with_state)
         return steps[-1] if steps else None
 
     def latest(self) -> Path | None:
@@ -507,6 +521,11 @@ class RunDir:
             return None
         state = self.state_path(step)
         return state if state.is_file() else None
+
+    def latest_resumable(self) -> tuple[Path, Path] | None:
+        """(checkpoint, training state) of the newest step that has both, or None."""
+        step = self.latest_step(with_state=True)
+        return None if step is None else (self.checkpoint_path(step), self.state_path(step))
 
     def _prune(self, current: int) -> None:
         kept = set([s for s in self.steps() if s <= current][-self.keep:]) | {current}

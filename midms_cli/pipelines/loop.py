@@ -3,6 +3,8 @@
 One process or many under torchrun (DistributedDataParallel, gloo on CPU); rank 0 logs, writes
 checkpoints, metrics and sample grids. A run directory resumes exactly: model, optimizers,
 schedulers, step, and the data stream (a pure function of seed, step and rank, see `DataStream`).
+A process killed at any point leaves the newest complete checkpoint current and temporary files
+that the next run removes.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from midms_cli import distributed
-from midms_cli.atomic import write_text
+from midms_cli.atomic import remove_stale_temporaries, write_text
 from midms_cli.checkpoint import RunDir, get_rng_state, load_modules, load_training_state, set_rng_state
 from midms_cli.devices import autocast_dtype, resolve_device
 from midms_cli.errors import MidmsError
 from midms_cli.images import save_png
 
 METRICS_FILE = "metrics.jsonl"
+# Micro-batches per data segment (see DataStream): fixed, so the data order of a run does not
+# depend on how often it saves; a run records the value and keeps it when resumed.
+DATA_SEGMENT = 256
 CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
 # Per-rank trace of data keys and parameter checksums (only with LoopOptions.trace; used by tests).
@@ -57,6 +62,7 @@ class LoopOptions:
     checkpoint_every: int = 1000
     sample_every: int = 500
     keep_checkpoints: int = 3
+    data_segment: int = DATA_SEGMENT
     trace: bool = False
     progress: bool = True
     # Called after every completed step with the step number (tests use it to simulate a kill).
@@ -90,6 +96,7 @@ class LoopResult:
     nonfinite_skipped: int
     last_losses: dict[str, float]
     final_model: Path | None
+    signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +137,8 @@ class DataStream:
 
     The stream is cut into segments of `segment` micro-batches; each segment is a fresh loader
     seeded from (seed, segment, rank). Resuming mid-segment rebuilds it and skips what was consumed.
+    The segment length is part of the run (recorded in its training state), not of how often it
+    saves, so any checkpoint interval gives the same batches.
     """
 
     def __init__(self, make_loader: Callable[[int], Iterable], seed: int, segment: int, rank: int) -> None:
@@ -218,12 +227,14 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
         self.requested = True
+        self.signum = signum
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -289,8 +300,15 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     write_text(path, "".join(k + "\n" for k in kept))
 
 
+def remove_run_temporaries(out: Path) -> None:
+    """Temporary files a killed run left in its folder and sample folder (main process, before work)."""
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(Path(out) / SAMPLES_DIR)
+
+
 def write_run_config(out: Path, config: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    remove_run_temporaries(out)
     write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -299,9 +317,14 @@ def read_run_config(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MidmsError(f"{path} is not valid JSON ({exc.msg}); fix or delete it") from None
+    except UnicodeDecodeError:
+        raise MidmsError(f"{path} is not UTF-8 text; fix or delete it") from None
+    if not isinstance(config, dict):
+        raise MidmsError(f"{path} holds a JSON {type(config).__name__}, not a run config; fix or delete it")
+    return config
 
 
 def setup_device(name: str = "auto") -> torch.device:
@@ -366,9 +389,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = distributed.is_main()
         self.run_dir = RunDir(options.out, keep=options.keep_checkpoints)
-        self.data = DataStream(
-            make_loader, options.seed, options.checkpoint_every * options.grad_accumulation, self.rank
-        )
+        self.data = DataStream(make_loader, options.seed, options.data_segment, self.rank)
         self.ema = (
             EMA(task.ema_module, options.ema_decay).to(device)
             if (options.ema_decay > 0 and task.ema_module is not None)
@@ -399,19 +420,30 @@ class Trainer:
     # Resume.
 
     def resume(self) -> bool:
-        """Load the newest checkpoint of the run directory, if any; True when resumed."""
-        checkpoint = self.run_dir.latest()
-        if checkpoint is None:
+        """Load the newest checkpoint that has its training state beside it, if any; True when resumed.
+
+        A checkpoint without its state (the process was killed between the two files) is not a step
+        to resume from; with no complete pair at all the run starts again from step 0.
+        """
+        pair = self.run_dir.latest_resumable()
+        if pair is None:
+            if self.main and self.run_dir.steps():
+                _console.print(
+                    f"{self.run_dir.path} holds no checkpoint with its training state (an interrupted "
+                    "first save); starting from step 0",
+                    highlight=False,
+                )
             return False
-        state = self.run_dir.latest_state()
-        if state is None:
-            raise MidmsError(f"{checkpoint} has no training state beside it; start a new run directory")
+        checkpoint, state = pair
         load_modules(checkpoint, self._saved_modules(), expected_kind=self.task.kind)
         loaded = load_training_state(state, self.task.optimizers, self.task.schedulers)
         self.step = loaded["step"]
         extra = loaded["extra"]
         self.nonfinite_total = int(extra.get("nonfinite_total", 0))
         self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
+        # Runs saved before the segment was recorded cut their data by the checkpoint interval.
+        segment = extra.get("data_segment", self.options.checkpoint_every * self.options.grad_accumulation)
+        self.data = DataStream(self.data.make_loader, self.options.seed, int(segment), self.rank)
         return True
 
     def save(self) -> Path | None:
@@ -425,6 +457,7 @@ class Trainer:
                 schedulers=self.task.schedulers,
                 state_extra={
                     "data_position": self.step * self.options.grad_accumulation,
+                    "data_segment": self.data.segment,
                     "nonfinite_total": self.nonfinite_total,
                     "nonfinite_streak": self.nonfinite_streak,
                 },
@@ -576,6 +609,8 @@ class Trainer:
     def run(self) -> LoopResult:
         """Train until max_iters (or a stop request); checkpoints, logs and samples on the way."""
         options, out = self.options, Path(self.options.out)
+        if self.main:
+            remove_run_temporaries(out)
         resumed = self.resume()
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -588,6 +623,7 @@ class Trainer:
         self.task.model.train()
         losses: dict[str, float] = {}
         interrupted = False
+        stopped_by: int | None = None
         last_batch: dict[str, Any] | None = None
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -631,10 +667,11 @@ class Trainer:
                     self.save()
                 if stop_now:
                     interrupted = self.step < options.max_iters
+                    stopped_by = stop.signum if stop.signum is not None else signal.SIGTERM
                     break
         final = None
         if not interrupted:
-            if self.run_dir.latest_step() != self.step:
+            if self.run_dir.latest_step(with_state=True) != self.step:
                 self.save()
             sampled_last_step = options.sample_every > 0 and self.step % options.sample_every == 0
             if last_batch is not None and not sampled_last_step:  # the loop may have just written it
@@ -645,4 +682,6 @@ class Trainer:
                 f"interrupted: checkpoint saved at step {self.step}; run the same command to resume",
                 highlight=False,
             )
-        return LoopResult(self.step, interrupted, self.nonfinite_total, losses, final)
+        return LoopResult(
+            self.step, interrupted, self.nonfinite_total, losses, final, stopped_by if interrupted else None
+        )
