@@ -14,12 +14,14 @@ Conditions are stored as round(255 * c): the official recipes quantise every cha
 (edges and one-hot maps are 0/1, distance maps and the pose picture are k/255), so this is lossless,
 and gzip shrinks the mostly-constant channels (one-hot, saturated distance maps) many times over.
 Tar headers carry a fixed owner and mtime, and gzip a zero mtime, so a shard's bytes depend only on
-its samples: a resumed or re-run preparation reproduces the same sha256.
+its samples: a resumed or re-run preparation reproduces the same sha256. Readers check that sha256
+(recorded in index.json) on every pass, before any sample of the shard is used.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -181,12 +183,31 @@ class CorruptShard(Exception):
     """A shard that cannot be read; carries the shard name."""
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
-    """The raw samples of one tar, in order: {"__key__", "<field>.<ext>": bytes}. Raises CorruptShard."""
+def _verified_bytes(path: Path, sha256: str) -> io.BytesIO:
+    """The whole shard, read once and hashed on the way: a same-size bit flip is caught before any
+    of its samples is decoded. A shard is a few MB to a few hundred MB, one per reader at a time."""
+    digest = hashlib.sha256()
+    buffer = io.BytesIO()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            buffer.write(block)
+    if digest.hexdigest() != sha256:
+        raise CorruptShard(f"{path.name}: sha256 differs from index.json")
+    buffer.seek(0)
+    return buffer
+
+
+def read_shard(path: str | os.PathLike, sha256: str | None = None) -> Iterator[dict[str, bytes]]:
+    """The raw samples of one tar, in order: {"__key__", "<field>.<ext>": bytes}. Raises CorruptShard.
+
+    With `sha256` (from index.json) the shard's bytes are checked first, in the same read.
+    """
     path = Path(path)
     current: dict[str, bytes] | None = None
     try:
-        with tarfile.open(path, mode="r|") as archive:
+        source = {"fileobj": _verified_bytes(path, sha256)} if sha256 else {"name": path}
+        with tarfile.open(mode="r|", **source) as archive:
             for member in archive:
                 if not member.isreg():
                     continue
@@ -205,9 +226,9 @@ def read_shard(path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
         yield current
 
 
-def decoded_shard(path: Path) -> Iterator[dict[str, Any]]:
+def decoded_shard(path: Path, sha256: str | None = None) -> Iterator[dict[str, Any]]:
     """Decoded samples of one shard; any unreadable member makes the whole shard CorruptShard."""
-    for raw in read_shard(path):
+    for raw in read_shard(path, sha256):
         try:
             yield decode_sample(raw)
         except Exception as exc:  # any failure to decode stored bytes means the shard is damaged
@@ -263,6 +284,15 @@ def check_shards(
     return good
 
 
+def shard_digests(root: str | os.PathLike, split: str) -> dict[str, str]:
+    """{shard name: sha256} from the split's index.json (what readers check each shard against)."""
+    return {
+        str(entry["name"]): str(entry["sha256"])
+        for entry in read_index(root, split)["shards"]
+        if isinstance(entry, dict) and entry.get("sha256")
+    }
+
+
 def iterate_samples(
     root: str | os.PathLike,
     split: str,
@@ -273,13 +303,14 @@ def iterate_samples(
 ) -> Iterator[dict[str, Any]]:
     """Every sample of a split exactly once, in shard and write order (for evaluation).
 
-    Each shard's sha256 is checked first, so a corrupt shard is skipped whole (reported by name and
-    counted in `stats`) or, with strict, raises MidmsError.
+    Each shard's sha256 is checked as it is read, before its first sample, so a corrupt shard is
+    skipped whole (reported by name and counted in `stats`) or, with strict, raises MidmsError.
     """
     stats = stats if stats is not None else ReadStats()
-    for path in check_shards(root, split, verify=True, strict=strict, report=report, stats=stats):
+    digests = shard_digests(root, split)
+    for path in check_shards(root, split, strict=strict, report=report, stats=stats):
         try:
-            for sample in decoded_shard(path):
+            for sample in decoded_shard(path, digests.get(path.name)):
                 stats.samples += 1
                 yield sample
         except CorruptShard as exc:
@@ -392,9 +423,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         crop: int | None = None,
         flip: bool = False,
         load_size: int | None = None,
+        digests: dict[str, str] | None = None,
     ):
         super().__init__()
         self.crop, self.flip, self.load_size = crop, flip, load_size
+        self.digests = digests or {}
         self.shards, self.shuffle, self.resample, self.seed = shards, shuffle, resample, seed
         self.buffer, self.strict, self.rank, self.world, self.report = buffer, strict, rank, world, report
         self.epoch = 0
@@ -419,7 +452,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _raw_samples(self, order: Iterable[Path]) -> Iterator[dict[str, bytes]]:
         for path in order:
             try:
-                for raw in read_shard(path):
+                for raw in read_shard(path, self.digests.get(path.name)):
                     raw["__shard__"] = path.name
                     yield raw
             except CorruptShard as exc:
@@ -541,6 +574,7 @@ def make_loader(
         crop=crop,
         flip=flip,
         load_size=load_size,
+        digests=shard_digests(root, split),
     )
     # An endless stream has no last batch; a finite pass keeps its short last batch (evaluation).
     return ShardLoader(
