@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from midms_cli import distributed
+from midms_cli.atomic import check_output_dir, undo_on_failure
 from midms_cli.cli.state import STATE, emit
 from midms_cli.config import PRESETS, ModelConfig, preset, validate
 from midms_cli.errors import MidmsError
@@ -141,6 +142,11 @@ def _emit_result(result: LoopResult, out: Path, what: str) -> None:
     emit(record, human)
 
 
+def _resumable(path: Path) -> bool:
+    """A file worth keeping after a failure: a checkpoint or training state to resume from."""
+    return path.name.startswith(("ckpt-", "state-")) and path.suffix == ".safetensors"
+
+
 def _run_training(
     what: str,
     run: Callable[..., LoopResult],
@@ -152,8 +158,17 @@ def _run_training(
     **kwargs: Any,
 ) -> None:
     """run(data, out, *args, **kwargs) with the CLI's device, workers and provenance, in the
-    torchrun process group when there is one; rank 0 reports the result."""
-    with _process_group():
+    torchrun process group when there is one; rank 0 reports the result.
+
+    A run that fails before its first checkpoint leaves no run directory behind; one stopped by a
+    signal exits with 128 + the signal number (130 for Ctrl-C) after saving its checkpoint, so
+    `midms train ... && midms eval ...` does not go on with an unfinished model.
+    """
+    check_output_dir(out)
+    if not data.is_dir():
+        raise MidmsError(f"--data {data} is not a folder of prepared shards (midms prepare ... --out DIR)")
+    undo = undo_on_failure(out, _resumable) if distributed.is_main() else contextlib.nullcontext()
+    with _process_group(), undo:
         result = run(
             data,
             out,
@@ -166,6 +181,8 @@ def _run_training(
             **kwargs,
         )
         _emit_result(result, out, what)
+    if result.interrupted:
+        raise typer.Exit(128 + (result.signal or 2))
 
 
 def _override(config: ModelConfig, **values: Any) -> ModelConfig:
@@ -301,14 +318,31 @@ def pretrain_diffusion(
 
 def _training_config(preset_name: str, config_file: Path | None, overrides: dict[str, Any]) -> ModelConfig:
     if config_file is not None:
-        if not config_file.is_file():
-            raise MidmsError(f"config file not found: {config_file}")
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-        data.pop("run", None)  # a run directory's config.json is accepted as it is
-        model = ModelConfig.from_dict(data)
+        model = _read_config_file(config_file)
     else:
         model = preset(preset_name)
     return _override(model, **overrides)
+
+
+def _read_config_file(path: Path) -> ModelConfig:
+    """A config JSON given with --config (a run directory's config.json is accepted as it is)."""
+    if not path.is_file():
+        raise MidmsError(f"--config {path}: config file not found")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MidmsError(f"--config {path} is not UTF-8 text; give a config JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise MidmsError(f"--config {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise MidmsError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise MidmsError(f"--config {path} holds a JSON {type(data).__name__}; a config is an object")
+    data.pop("run", None)
+    try:
+        return ModelConfig.from_dict(data)
+    except MidmsError as exc:
+        raise MidmsError(f"--config {path}: {exc}") from None
 
 
 def _dry_run(model: ModelConfig, phase: str, data: Path, extra: dict[str, Any]) -> None:
