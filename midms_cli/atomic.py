@@ -202,6 +202,18 @@ def check_output_file(path: str | os.PathLike, option: str = "output", *, notice
     return exists
 
 
+def check_output_files(paths: list[Path], option: str = "output") -> int:
+    """`check_output_file` for every path of a batch, with one notice for all the existing ones."""
+    existing = [Path(p) for p in paths if check_output_file(p, option, notice=False)]
+    if existing:
+        import sys
+
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        sys.stderr.write(f"note: {existing[0]}{more} exist(s) and will be replaced\n")
+        sys.stderr.flush()
+    return len(existing)
+
+
 def check_output_dir(path: str | os.PathLike, option: str = "--out") -> None:
     """Refuse an output folder that is a file or cannot be created or written, before any work."""
     path = Path(path)

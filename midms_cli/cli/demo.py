@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from midms_cli.atomic import check_output_dir
 from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.demo import PROFILES, DemoOptions, run_demo
@@ -64,6 +65,7 @@ def demo_command(
         profile = "quick"
     if profile not in PROFILES:
         raise MidmsError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    check_output_dir(out)  # before any work
     options = DemoOptions(out=out, profile=PROFILES[profile], seed=seed, device=STATE.device,
                           show_progress=not STATE.json, bar=rich_bar,
                           log=lambda message: err_console.print(message, highlight=False))

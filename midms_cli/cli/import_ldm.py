@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from midms_cli.atomic import check_output_file
 from midms_cli.cli.state import emit
 from midms_cli.ldm_import import import_ldm
 
@@ -26,6 +27,7 @@ def import_ldm_command(
 
     Example: midms weights import-ldm --config config.yaml --ckpt model.ckpt --out ldm-celeba256.safetensors
     """
+    check_output_file(out, "--out")  # before any work
     result = import_ldm(config, ckpt, out, ema=ema)
     table = Table(show_header=False, box=None)
     table.add_row("[bold]written[/bold]", result["out"])

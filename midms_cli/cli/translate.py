@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
+from midms_cli.atomic import check_output_dir, check_output_files
 from midms_cli.cli.state import STATE, emit, progress_bar
 from midms_cli.config import SAMPLING_BUNDLES
 from midms_cli.devices import resolve_device
@@ -138,7 +139,10 @@ def translate_command(
         raise MidmsError(f"--variant {variant!r}: choose one of {', '.join(SAMPLING_BUNDLES)}")
     if precision not in PRECISIONS:
         raise MidmsError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out-dir")
     jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
+    check_output_files([job.output for job in jobs], "--out-dir" if out_dir else "-o")  # before any work
     device = resolve_device(STATE.device)
     model_file = resolve_model_file(model)
     midm = load_midm(model_file, device, precision)
