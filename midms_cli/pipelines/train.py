@@ -430,7 +430,7 @@ def run_phase(
         training.warmup_iters = max(training.warmup_iters, steps) if stored is not None else steps
     training.warmup_epochs = 0
     loop.seed_everything(training.seed)
-    if stored is not None and RunDir(out).latest() is not None:
+    if stored is not None and RunDir(out).latest_resumable() is not None:
         model = MIDM(model_config)  # resuming: the weights come from the run's newest checkpoint
     elif init is not None:
         model = model_from_midms(model_config, init)
