@@ -209,7 +209,8 @@ def check_output_files(paths: list[Path], option: str = "output") -> int:
         import sys
 
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        sys.stderr.write(f"note: {existing[0]}{more} exist(s) and will be replaced\n")
+        verb = "exist" if more else "exists"
+        sys.stderr.write(f"note: {existing[0]}{more} {verb} and will be replaced\n")
         sys.stderr.flush()
     return len(existing)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -185,12 +186,19 @@ def _run_training(
         raise typer.Exit(128 + (result.signal or 2))
 
 
+def _check_finite(name: str, value: Any) -> None:
+    """NaN or infinity given on the command line is refused by name (comparisons let NaN through)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MidmsError(f"{name}: must be a finite number, got {value}")
+
+
 def _override(config: ModelConfig, **values: Any) -> ModelConfig:
     """Apply CLI overrides (None = keep the preset's value) to config.training, then validate."""
     training = config.training
     for name, value in values.items():
         if value is None:
             continue
+        _check_finite(f"training.{name}", value)
         if name == "feature_net":
             training.losses.feature_net = value
         else:
@@ -224,6 +232,7 @@ def _pretrain(
     values = {"max_iters": iters, "batch_size": batch_size, "lr": lr, **extra}
     for name, value in values.items():
         if value is not None:
+            _check_finite(f"pretrain.{name}", value)
             setattr(config, name, value)
     config.validate()
     if dry_run:
@@ -326,8 +335,10 @@ def _training_config(preset_name: str, config_file: Path | None, overrides: dict
 
 def _read_config_file(path: Path) -> ModelConfig:
     """A config JSON given with --config (a run directory's config.json is accepted as it is)."""
-    if not path.is_file():
+    if not path.exists():
         raise MidmsError(f"--config {path}: config file not found")
+    if path.is_dir():
+        raise MidmsError(f"--config {path} is a folder; give a config JSON file")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:

@@ -87,11 +87,11 @@ def _load_npy(path: Path) -> torch.Tensor:
 
 
 def _load_tensor(path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
     try:
         if path.suffix == ".npy":
             return _load_npy(path)
-        from safetensors import SafetensorError, safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
             if TENSOR_KEY not in names:

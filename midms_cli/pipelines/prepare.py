@@ -232,13 +232,19 @@ def prepare_split(
     else:
         pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
         results = pool.imap(_worker_make_shard, jobs)
+    written = sum(info.count for info in infos.values())
+    reported = 0  # how many of `skipped` were reported
     try:
         for shard, (info, reasons) in zip(todo, results, strict=True):
             infos[shard] = info
+            written += info.count
+            # Warnings wait for the first written sample: when every sample is skipped, the one
+            # error line below says so, with the first reason, instead of a warning per sample.
             skipped += reasons
-            for reason in reasons:
-                if report:
+            if written and report:
+                for reason in skipped[reported:]:
                     report(f"warning: skipped {reason}")
+                reported = len(skipped)
             if progress:
                 progress(split, min(config.shard_size, total - shard * config.shard_size), total)
     finally:
@@ -291,5 +297,10 @@ def prepare(
 
 
 def _finished_shard(path: Path) -> bool:
-    """What a failed run keeps: finished shards, which a re-run reuses."""
-    return path.name.startswith("shard-") and path.suffix == ".tar"
+    """What a failed run keeps: finished shards holding samples, which a re-run reuses."""
+    if not (path.name.startswith("shard-") and path.suffix == ".tar"):
+        return False
+    try:
+        return existing_shard_info(path).count > 0
+    except (OSError, tarfile.TarError):
+        return False
