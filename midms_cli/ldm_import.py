@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import typing
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

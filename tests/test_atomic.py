@@ -78,7 +78,7 @@ def test_stale_temporaries_are_recognised_by_name_and_removed(tmp_path):
     stale = [tmp_path / kept_name, tmp_path / ".latest.a1b2c3d4.tmp", tmp_path / ".config.json.x_9.tmp.json"]
     for path in stale:
         path.write_bytes(b"partial")
-    ordinary = [tmp_path / "latest", tmp_path / ".hidden", tmp_path / "notes.tmp", tmp_path / "ckpt-00000001.safetensors"]
+    ordinary = [tmp_path / name for name in ("latest", ".hidden", "notes.tmp", "ckpt-00000001.safetensors")]
     for path in ordinary:
         path.write_bytes(b"keep")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)

@@ -34,7 +34,8 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    data = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + data
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def fx(tmp_path_factory) -> Path:
         "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n"
         "    first_stage_config:\n      target: ldm.models.autoencoder.VQModelInterface\n"
         "      params:\n        embed_dim: 3\n        n_embed: 8\n        ddconfig:\n"
-        "          double_z: false\n          z_channels: 3\n          resolution: 64\n          in_channels: 3\n"
+        "          double_z: false\n          z_channels: 3\n          resolution: 64\n"
+        "          in_channels: 3\n"
         "          out_ch: 3\n          ch: 8\n          ch_mult: [1, 2]\n          num_res_blocks: 1\n"
         "          attn_resolutions: []\n          dropout: 0.0\n"
         "    unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModel\n      params:\n"
@@ -156,7 +158,8 @@ CASES: list[tuple[str, str]] = [
     ("prepare synthfaces --out {work}/o --val-count -1", "--val-count"),
     ("prepare synthfaces --out {fx}/file.txt --limit 2", "is a file"),
     ("prepare synthfaces --out {fx}/file.txt/sub --limit 2", "file.txt"),
-    ("prepare synthfaces --out {fx}/shards --limit 2 --seed 7 --size 64 --shard-size 2", "different preparation"),
+    ("prepare synthfaces --out {fx}/shards --limit 2 --seed 7 --size 64 --shard-size 2",
+     "different preparation"),
     ("prepare folder --out {work}/o", "--source"),
     ("prepare folder --source {work}/missing --out {work}/o", "not a folder"),
     ("prepare folder --source {fx}/file.txt --out {work}/o", "not a folder"),
@@ -303,7 +306,8 @@ def _check_one_line_and_nothing_left(argv: list[str], fragment: str, fx: Path, w
 def test_there_are_at_least_a_hundred_cases_covering_every_command():
     commands = {case.split()[0] for case, _ in CASES}
     assert len(CASES) >= 100
-    assert {"prepare", "pretrain", "warmup", "train", "translate", "eval", "demo", "weights", "info"} <= commands
+    every = {"prepare", "pretrain", "warmup", "train", "translate", "eval", "demo", "weights", "info"}
+    assert every <= commands
 
 
 @pytest.mark.parametrize(("case", "fragment"), CASES, ids=[c for c, _ in CASES])

@@ -150,9 +150,16 @@ def check_resumed(run: Callable[[Path], object], reference: Path, out: Path, wha
     assert temporaries(out) == [], what
 
 
-def check_kill_then_resume(run: Callable[[Path], object], reference: Path, out: Path, boundary: int,
-                           events: list[tuple[str, str]], between: Callable[[Path], None] | None = None) -> None:
-    assert killed_at(boundary, lambda: run(out)) == KILLED, f"the run did not reach boundary {events[boundary]}"
+def check_kill_then_resume(
+    run: Callable[[Path], object],
+    reference: Path,
+    out: Path,
+    boundary: int,
+    events: list[tuple[str, str]],
+    between: Callable[[Path], None] | None = None,
+) -> None:
+    reached = killed_at(boundary, lambda: run(out))
+    assert reached == KILLED, f"the run did not reach boundary {events[boundary]}"
     if between is not None:
         between(out)
     run(out)
@@ -176,7 +183,7 @@ def test_prepare_killed_at_every_write_boundary_resumes_to_the_same_shards(shard
     reference = json.loads((shards / "train" / "index.json").read_text())["shards"]
     for boundary in range(len(events)):
         out = tmp_path / f"killed-{boundary}"
-        assert killed_at(boundary, lambda: prepare(_prepare_config(out), _plugin())) == KILLED
+        assert killed_at(boundary, lambda out=out: prepare(_prepare_config(out), _plugin())) == KILLED
         prepare(_prepare_config(out), _plugin())
         assert _digests(out / "train") == _digests(shards / "train"), events[boundary]
         assert json.loads((out / "train" / "index.json").read_text())["shards"] == reference
@@ -208,7 +215,8 @@ def test_pretrain_killed_at_each_boundary_of_the_first_checkpoint_and_later_resu
 
     # The first checkpoint created and complete, its state created (see above) and complete, its
     # pointer complete; later, the exported model complete but not yet renamed.
-    exported = max(i for i, (event, name) in enumerate(events) if name.startswith(".model.") and event == "written")
+    exported = max(i for i, (event, name) in enumerate(events)
+                   if name.startswith(".model.") and event == "written")
     for boundary in (first[0], first[1], first[3], first[4], first[7], exported):
         between = checkpoint_without_state if boundary == first[3] else None
         check_kill_then_resume(run, reference, tmp_path / f"killed-{boundary}", boundary, events, between)
@@ -225,7 +233,9 @@ def _phase_run(phase: str, shards: Path, base: Path, tmp_path: Path) -> Callable
 
 
 @pytest.mark.parametrize("phase", ["warmup", "e2e"])
-def test_warmup_and_train_killed_as_the_first_state_file_appears_resume_exactly(phase, shards, base, tmp_path):
+def test_warmup_and_train_killed_as_the_first_state_file_appears_resume_exactly(
+    phase, shards, base, tmp_path
+):
     run = _phase_run(phase, shards, base, tmp_path)
     reference = tmp_path / "reference"
     events = recorded_boundaries(lambda: run(reference))
@@ -259,11 +269,13 @@ def test_sigkill_at_a_random_moment_then_resume(seed, shards, base, tmp_path):
     sigkilled(lambda: prepare(_prepare_config(out), _plugin()), lambda: out.exists(), rng.uniform(0, 0.3))
     prepare(_prepare_config(out), _plugin())
     assert _digests(out / "train") == _digests(shards / "train") and temporaries(out) == []
-    for what, run in (("pretrain", _pretrain_run(shards)), ("warmup", _phase_run("warmup", shards, base, tmp_path))):
+    runs = {"pretrain": _pretrain_run(shards), "warmup": _phase_run("warmup", shards, base, tmp_path)}
+    for what, run in runs.items():
         reference, killed = tmp_path / f"{what}-reference", tmp_path / f"{what}-killed"
         run(reference)
         delay = rng.uniform(0, 0.6)
-        sigkilled(lambda: run(killed), lambda: (killed / "config.json").exists(), delay)
+        started = killed / "config.json"
+        sigkilled(lambda run=run, killed=killed: run(killed), started.exists, delay)
         check_resumed(run, reference, killed, (what, delay))
 
 
@@ -343,6 +355,7 @@ def test_ctrl_c_during_training_exits_130_with_a_checkpoint_saved(shards64, tmp_
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 130
-    assert RunDir(out).latest_resumable() == (out / "ckpt-00000002.safetensors", out / "state-00000002.safetensors")
+    saved = (out / "ckpt-00000002.safetensors", out / "state-00000002.safetensors")
+    assert RunDir(out).latest_resumable() == saved
     assert not (out / "model.safetensors").exists()
     assert "interrupted" in capsys.readouterr().err

@@ -255,8 +255,10 @@ def pairs_from_folders(conditions: Path, exemplars: Path, out_dir: Path) -> list
 def read_pairs_file(path: Path, out_dir: Path) -> list[Pair]:
     """A pairs list: one `CONDITION EXEMPLAR [EXEMPLAR_CONDITION]` per line (whitespace or commas),
     '#' comments; relative paths are relative to the list's folder. Output: OUT_DIR/<line>_<stem>.png."""
-    if not path.exists() or path.is_dir():  # a pipe or /dev/stdin is fine
-        raise MidmsError(f"pairs file {path} does not exist" if not path.exists() else f"--pairs {path} is a folder")
+    if not path.exists():
+        raise MidmsError(f"pairs file {path} does not exist")
+    if path.is_dir():  # anything else is read: a file, a pipe, /dev/stdin
+        raise MidmsError(f"--pairs {path} is a folder; give a pairs list file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
