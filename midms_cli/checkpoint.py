@@ -412,5 +412,10 @@ def load_training_state(
     return {"step": int(meta["step"]), "extra": unflatten_state(meta["extra"], ckpt.tensors)}
 
 
-# Run directories (`RunDir`) live in `midms_cli.rundir`; the name stays importable here.
-from midms_cli.rundir import RunDir  # noqa: E402, F401  (rundir imports this module's writers)
+def __getattr__(name: str) -> Any:
+    """`RunDir` lives in `midms_cli.rundir` (which uses this module's writers); still importable here."""
+    if name == "RunDir":
+        from midms_cli.rundir import RunDir
+
+        return RunDir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

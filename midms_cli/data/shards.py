@@ -319,14 +319,15 @@ def iterate_samples(
             stats.skipped_shards.append(path.name)
 
 
-# The training / evaluation loader lives in `midms_cli.data.loader`; its names stay importable here.
-from midms_cli.data.loader import (  # noqa: E402, F401  (loader imports this module's readers)
-    ShardLoader,
-    ShardStream,
-    assigned_shards,
-    collate,
-    crop_and_flip,
-    make_loader,
-    node_and_worker,
-    shuffled,
-)
+# The training / evaluation loader lives in `midms_cli.data.loader` (which uses this module's
+# readers); its names stay importable here.
+_LOADER_NAMES = ("ShardLoader", "ShardStream", "assigned_shards", "collate", "crop_and_flip", "make_loader",
+                 "node_and_worker", "shuffled")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOADER_NAMES:
+        from midms_cli.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,10 +119,10 @@ def shard_loader(
     disjoint data and none runs dry before another (no hang on uneven shards). load_size / flip:
     the spec 3.1 augmentation (`crop_and_flip`; 0 / False: none).
     """
-    from midms_cli.data.shards import make_loader
+    from midms_cli.data import shards  # looked up when called: tests wrap shards.make_loader
 
     def make(seed: int) -> Iterable:
-        loader = make_loader(
+        loader = shards.make_loader(
             data, split, batch_size, shuffle=True, resample=False, seed=seed, num_workers=num_workers,
             flip=flip, load_size=load_size or None,
         )

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from midms_cli import distributed
-from midms_cli.checkpoint import RunDir, load_modules, load_training_state
+from midms_cli.checkpoint import load_modules, load_training_state
 from midms_cli.devices import autocast_dtype, resolve_device
 from midms_cli.errors import MidmsError
 from midms_cli.images import save_png
@@ -56,6 +56,7 @@ from midms_cli.pipelines.runfiles import (  # noqa: F401
     truncate_jsonl,
     write_run_config,
 )
+from midms_cli.rundir import RunDir
 
 _console = Console(stderr=True)
 
