@@ -58,6 +58,11 @@ def is_fixable(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _FIXABLE
 
 
+def fixable_reason(exc: BaseException) -> str | None:
+    """What to do about an OSError the user can fix, or None for any other error."""
+    return _FIXABLE.get(exc.errno) if isinstance(exc, OSError) else None
+
+
 def write_error(path: str | os.PathLike, exc: OSError) -> MidmsError:
     """One line for a failed write: the file and what to do about it."""
     reason = _FIXABLE.get(exc.errno) or (exc.strerror or type(exc).__name__)

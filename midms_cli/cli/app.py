@@ -8,9 +8,8 @@ import traceback
 
 import typer
 from rich.markup import escape
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer's own copy of click
 
-from midms_cli.atomic import is_fixable
+from midms_cli.atomic import fixable_reason
 from midms_cli.cli import demo as demo_commands
 from midms_cli.cli import eval as eval_commands
 from midms_cli.cli import import_ldm as import_ldm_commands
@@ -22,6 +21,15 @@ from midms_cli.cli import translate as translate_commands
 from midms_cli.cli import weights as weights_commands
 from midms_cli.cli.state import STATE, err_console
 from midms_cli.errors import MidmsError
+
+try:  # recent Typer versions carry their own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # older ones depend on click itself
+    from click import exceptions as _click_errors
+
+UsageError = _click_errors.UsageError
+# A bare command group (no arguments): click prints its help; missing before click 8.2.
+NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 app = typer.Typer(
     name="midms",
@@ -122,13 +130,13 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _error_line(str(exc))
         sys.exit(2)
-    except OSError as exc:
-        if not is_fixable(exc):
+    except OSError as exc:  # a full disk or missing permission the command did not catch itself
+        reason = fixable_reason(exc)
+        if reason is None:
             _internal_error(exc, debug)
         if debug:
             traceback.print_exc()
-        where = f" {exc.filename}" if exc.filename else ""
-        _error_line(f"cannot use{where}: {exc.strerror or exc}")
+        _error_line(f"cannot use {exc.filename or 'a file'}: {reason}")
         sys.exit(2)
     except typer.Abort:
         err_console.print("interrupted", highlight=False)
