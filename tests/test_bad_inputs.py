@@ -365,7 +365,7 @@ def test_pairs_from_stdin_are_read():
     """`--pairs /dev/stdin`: a stream, not a missing file (here an empty one: no pairs)."""
     result = subprocess.run(
         [sys.executable, "-m", "midms_cli", "translate", "--pairs", "/dev/stdin", "--out-dir", "unused"],
-        input="# no pairs\n", capture_output=True, text=True, timeout=120,
+        input="# no pairs\n", capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"},
     )
     assert result.returncode == 2

@@ -295,7 +295,7 @@ def _sigkill_when(command: list[str], ready: Callable[[], bool], delay: float) -
     """Start `command`, wait until `ready()`, then `delay` seconds, then SIGKILL it (if still running)."""
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a loaded machine may take minutes to start torch
         while not ready() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(delay)
