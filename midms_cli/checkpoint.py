@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import random
+import re
 import struct
 import sys
 from collections import Counter
@@ -100,7 +101,16 @@ def save_checkpoint(
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in header.items()}
     prepared = _independent_tensors(tensors)
     with atomic_path(path) as tmp:
-        save_file(prepared, tmp, metadata=encoded)
+        try:
+            save_file(prepared, tmp, metadata=encoded)
+        except SafetensorError as exc:
+            # safetensors reports a failed write (a full disk) as its own error type, with the
+            # system's error number in the text; as an OSError the atomic writer says what to do.
+            number = re.search(r"os error (\d+)", str(exc))
+            if number is None:
+                raise
+            code = int(number.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 # --------------------------------------------------------------------------------------------

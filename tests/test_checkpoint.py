@@ -388,3 +388,16 @@ def test_resumable_step_needs_the_checkpoint_and_its_state(tmp_path, monkeypatch
     (run.path / "latest").write_text("{half a pointer")
     assert run.latest_resumable() == (run.checkpoint_path(2), run.state_path(2))  # scanned
     assert run.latest_step() == 3  # a model file is still the newest model
+
+
+def test_a_full_disk_while_safetensors_writes_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own error type, with the system's error number."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(MidmsError, match=r"cannot write .*ckpt.safetensors: the disk is full"):
+        ckpt_mod.save_checkpoint(tmp_path / "ckpt.safetensors", {"x": torch.zeros(2)}, {}, "midms")
+    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -121,6 +121,21 @@ def setup_device(name: str = "auto") -> torch.device:
     if distributed.world_size() > 1:
         return distributed.device_for_rank()
     return resolve_device(name)
+
+
+@contextlib.contextmanager
+def _bar(progress: Progress, console: Console) -> Iterator[None]:
+    """The progress bar around the loop; a failed run ends with its error line, not a half-drawn bar."""
+    quiet = console.quiet
+    try:
+        with progress:
+            try:
+                yield
+            except BaseException:
+                console.quiet = True  # what the bar would draw as it closes is left out
+                raise
+    finally:
+        console.quiet = quiet
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +403,7 @@ class Trainer:
             transient=False,
         )
         samples_per_step = options.batch_size * options.grad_accumulation * self.world
-        with StopFlag() as stop, progress:
+        with StopFlag() as stop, _bar(progress, _console):
             bar = progress.add_task(self.task.kind, total=options.max_iters, completed=self.step, status="")
             window_start, window_steps = time.perf_counter(), 0
             while self.step < options.max_iters:
