@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import midms_cli
-from midms_cli.atomic import atomic_path, write_text
+from midms_cli.atomic import atomic_path
 from midms_cli.errors import MidmsError
 
 # Version of the layout below; bump it (and describe the change in CHANGELOG.md) whenever a
@@ -116,7 +116,16 @@ def save_checkpoint(
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in header.items()}
     prepared = _independent_tensors(tensors)
     with atomic_path(path) as tmp:
-        save_file(prepared, tmp, metadata=encoded)
+        try:
+            save_file(prepared, tmp, metadata=encoded)
+        except SafetensorError as exc:
+            # safetensors reports a failed write (a full disk) as its own error type, with the
+            # system's error number in the text; as an OSError the atomic writer says what to do.
+            number = re.search(r"os error (\d+)", str(exc))
+            if number is None:
+                raise
+            code = int(number.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,104 +437,10 @@ def load_training_state(
     return {"step": int(meta["step"]), "extra": unflatten_state(meta["extra"], ckpt.tensors)}
 
 
-# --------------------------------------------------------------------------------------------
-# Run directories
+def __getattr__(name: str) -> Any:
+    """`RunDir` lives in `midms_cli.rundir` (which uses this module's writers); still importable here."""
+    if name == "RunDir":
+        from midms_cli.rundir import RunDir
 
-_STEP_FILE = re.compile(r"^(ckpt|state)-(\d{8,})\.safetensors$")
-
-
-class RunDir:
-    """A run directory keeping the last `keep` checkpoints and a `latest` pointer (JSON).
-
-    Files: `ckpt-{step:08d}.safetensors` (modules + config), `state-{step:08d}.safetensors`
-    (training state, optional) and `latest`. Only the main process should call `save`.
-    """
-
-    def __init__(self, path: str | os.PathLike, keep: int = 3) -> None:
-        if keep < 1:
-            raise ValueError("keep must be >= 1")
-        self.path = Path(path)
-        self.keep = keep
-
-    def checkpoint_path(self, step: int) -> Path:
-        return self.path / f"ckpt-{step:08d}.safetensors"
-
-    def state_path(self, step: int) -> Path:
-        return self.path / f"state-{step:08d}.safetensors"
-
-    @property
-    def pointer_path(self) -> Path:
-        return self.path / "latest"
-
-    def save(
-        self,
-        step: int,
-        modules: Mapping[str, torch.nn.Module],
-        config: Any,
-        *,
-        kind: str = "midms",
-        extra: Mapping[str, Any] | None = None,
-        optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
-        schedulers: Mapping[str, Any] | None = None,
-        state_extra: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Write the checkpoint (and training state when optimizers are given), then the pointer, then prune.
-
-        The pointer moves only after both files are complete, so a crash leaves the previous step current.
-        """
-        checkpoint = self.checkpoint_path(step)
-        save_modules(checkpoint, modules, config, kind, {"step": int(step), **(extra or {})})
-        state = None
-        if optimizers is not None:
-            state = self.state_path(step)
-            save_training_state(
-                state, optimizers=optimizers, schedulers=schedulers or {}, step=step, extra=state_extra
-            )
-        pointer = {"step": int(step), "checkpoint": checkpoint.name, "state": state.name if state else None}
-        write_text(self.pointer_path, json.dumps(pointer, indent=2) + "\n")
-        self._prune(step)
-        return checkpoint
-
-    def steps(self) -> list[int]:
-        """Steps that have a checkpoint file, ascending."""
-        if not self.path.is_dir():
-            return []
-        matches = (_STEP_FILE.match(p.name) for p in self.path.iterdir())
-        return sorted(int(m.group(2)) for m in matches if m and m.group(1) == "ckpt")
-
-    def _pointer(self) -> dict[str, Any] | None:
-        try:
-            pointer = json.loads(self.pointer_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if not isinstance(pointer, dict) or not (self.path / str(pointer.get("checkpoint"))).is_file():
-            return None
-        return pointer
-
-    def latest_step(self) -> int | None:
-        """The newest complete step: the pointer's, else (pointer lost) the highest checkpoint on disk."""
-        pointer = self._pointer()
-        if pointer is not None:
-            return int(pointer["step"])
-        steps = self.steps()
-        return steps[-1] if steps else None
-
-    def latest(self) -> Path | None:
-        """The newest model checkpoint, or None when the run has none."""
-        step = self.latest_step()
-        return None if step is None else self.checkpoint_path(step)
-
-    def latest_state(self) -> Path | None:
-        """The training state saved with the newest checkpoint, or None."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        state = self.state_path(step)
-        return state if state.is_file() else None
-
-    def _prune(self, current: int) -> None:
-        kept = set([s for s in self.steps() if s <= current][-self.keep:]) | {current}
-        for file in self.path.iterdir():
-            match = _STEP_FILE.match(file.name)
-            if match and int(match.group(2)) not in kept:
-                file.unlink(missing_ok=True)
+        return RunDir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

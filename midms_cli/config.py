@@ -507,7 +507,9 @@ def validate(config: ModelConfig) -> None:
     _require(t.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
     _require(t.load_size == 0 or t.load_size >= config.image_size, "training.load_size",
              f"must be 0 (no resize) or at least image_size ({config.image_size})")
-    _require(t.lr_correspondence >= 0 and t.lr_unet >= 0, "training.lr_correspondence", "must be >= 0")
+    _require(t.lr_correspondence >= 0, "training.lr_correspondence", "must be >= 0")
+    _require(t.lr_unet >= 0, "training.lr_unet", "must be >= 0")
+    _require(t.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0: no clipping)")
     _require(t.lr_correspondence_e2e >= 0, "training.lr_correspondence_e2e",
              "must be >= 0 (0: lr_correspondence)")
     _require(0.0 <= t.ema_decay < 1.0, "training.ema_decay", "must be in [0, 1)")

@@ -113,8 +113,11 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 # Loading
 
 
-def open_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image:
-    """Open, check the pixel count from the header, decode, apply EXIF orientation; errors name the file."""
+def open_lazily(path: str | os.PathLike, limit: int | None = None) -> Image.Image:
+    """Open without decoding and check the pixel count from the header; errors name the file.
+
+    The caller decodes (load, convert, draft) and closes the image.
+    """
     path = Path(path)
     limit = max_pixels() if limit is None else limit
     if not path.exists():
@@ -141,6 +144,22 @@ def open_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image
             f"image {path} is too large to load safely ({width}x{height} = {width * height} pixels, "
             f"limit {limit}); raise {MAX_PIXELS_ENV} if it is genuine"
         )
+    return image
+
+
+def check_pixel_count(path: str | os.PathLike, height: int, width: int, limit: int | None = None) -> None:
+    """The limit of `open_lazily` for arrays read from other formats (a condition .npy)."""
+    limit = max_pixels() if limit is None else limit
+    if height * width > limit:
+        raise MidmsError(
+            f"{path} is too large to load safely ({width}x{height} = {width * height} pixels, "
+            f"limit {limit}); raise {MAX_PIXELS_ENV} if it is genuine"
+        )
+
+
+def open_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image:
+    """Open, check the pixel count from the header, decode, apply EXIF orientation; errors name the file."""
+    image = open_lazily(path, limit)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

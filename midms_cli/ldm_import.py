@@ -9,6 +9,8 @@ every shape checked before anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +117,6 @@ def autoencoder_config(section: dict[str, Any], where: str) -> AutoencoderConfig
         raise MidmsError(f"config: {where}.params.ddconfig uses attn_type/tanh_out/give_pre_end, which midms "
                          "does not implement")
     values = {name: ddconfig[name] for name in _DDCONFIG_FIELDS if name in ddconfig}
-    for name in ("ch_mult", "attn_resolutions"):
-        if name in values:
-            values[name] = tuple(values[name])
     if "embed_dim" not in params:
         raise MidmsError(f"config: {where}.params.embed_dim is missing")
     values["embed_dim"] = params["embed_dim"]
@@ -128,7 +127,21 @@ def autoencoder_config(section: dict[str, Any], where: str) -> AutoencoderConfig
     else:
         values["n_embed"] = 0
         values["posterior"] = "sample"  # MIDMs' official code encodes KL latents with a posterior sample
-    return AutoencoderConfig(kind=kind, **values)
+    # Typed like a midms config: a YAML string where a number belongs is named, not a TypeError later.
+    return _typed(AutoencoderConfig, {"kind": kind, **values}, f"{where}.params")
+
+
+def _typed(cls: type, values: dict[str, Any], where: str) -> Any:
+    """`cls` from YAML values, each converted to its field's type (lists to tuples) or refused by name."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if hints.get(name) is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
+    try:
+        return from_dict(cls, values, where)
+    except MidmsError as exc:
+        raise MidmsError(f"config: {exc}") from None
 
 
 def unet_config(section: dict[str, Any]) -> UNetConfig:
@@ -148,11 +161,10 @@ def unet_config(section: dict[str, Any]) -> UNetConfig:
     values = {name: params[name] for name in _UNET_FIELDS if name in params}
     values.setdefault("num_heads", -1)  # openaimodel defaults: both -1, one must be set
     values.setdefault("num_head_channels", -1)
-    if values["num_heads"] <= 0 and values["num_head_channels"] <= 0:
+    unet = _typed(UNetConfig, values, "unet_config.params")
+    if unet.num_heads <= 0 and unet.num_head_channels <= 0:
         raise MidmsError("config: unet_config.params needs num_heads or num_head_channels")
-    for name in ("attention_resolutions", "channel_mult"):
-        values[name] = tuple(values[name])
-    return UNetConfig(**values)
+    return unet
 
 
 def diffusion_config(params: dict[str, Any]) -> DiffusionConfig:
@@ -163,11 +175,9 @@ def diffusion_config(params: dict[str, Any]) -> DiffusionConfig:
     if params.get("parameterization", "eps") != "eps":
         raise MidmsError("config: model.params.parameterization must be \"eps\" (midms predicts noise)")
     # DDPM's defaults in latent-diffusion, used when the YAML leaves them out.
-    return DiffusionConfig(
-        timesteps=int(params.get("timesteps", 1000)),
-        linear_start=float(params.get("linear_start", 1e-4)),
-        linear_end=float(params.get("linear_end", 2e-2)),
-    )
+    values = {"timesteps": params.get("timesteps", 1000), "linear_start": params.get("linear_start", 1e-4),
+              "linear_end": params.get("linear_end", 2e-2)}
+    return _typed(DiffusionConfig, values, "model.params")
 
 
 def ldm_configs(data: dict[str, Any]) -> LdmConfigs:
@@ -184,7 +194,10 @@ def ldm_configs(data: dict[str, Any]) -> LdmConfigs:
     if "first_stage_config" not in params:
         raise MidmsError("config: model.params.first_stage_config is missing")
     autoencoder = autoencoder_config(params["first_stage_config"], "model.params.first_stage_config")
-    autoencoder.scale_factor = float(params.get("scale_factor", 1.0))
+    scale = params.get("scale_factor", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise MidmsError(f"config: model.params.scale_factor: expected a number, got {scale!r}")
+    autoencoder.scale_factor = float(scale)
     return LdmConfigs(autoencoder=autoencoder, unet=unet_config(params["unet_config"]),
                       diffusion=diffusion_config(params))
 

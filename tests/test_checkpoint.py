@@ -359,3 +359,45 @@ def test_run_dir_pointer_ignores_a_newer_half_finished_save(tmp_path, monkeypatc
     # Without a pointer (deleted by hand), the newest model file on disk is used.
     (run.path / "latest").unlink()
     assert run.latest() == run.checkpoint_path(2) and run.latest_state() is None
+
+
+def test_resumable_step_needs_the_checkpoint_and_its_state(tmp_path, monkeypatch):
+    """Killed after a checkpoint file but before its state: that step is never resumed from."""
+    run = RunDir(tmp_path / "run", keep=3)
+    model, optimizer, scheduler = _setup()
+    save = {"optimizers": {"adamw": optimizer}, "schedulers": {"lr": scheduler}}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # The first save dies after its checkpoint: no pointer, no state, nothing to resume.
+    monkeypatch.setattr(ckpt_mod, "save_training_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(1, {"model": model}, {}, **save)
+    monkeypatch.undo()
+    assert run.steps() == [1] and run.steps(with_state=True) == []
+    assert run.latest_resumable() is None and run.latest() == run.checkpoint_path(1)
+    # Steps 1 and 2 complete, then a save of 3 dies the same way and the pointer is lost.
+    run.save(1, {"model": model}, {}, **save)
+    run.save(2, {"model": model}, {}, **save)
+    monkeypatch.setattr(ckpt_mod, "save_training_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(3, {"model": model}, {}, **save)
+    monkeypatch.undo()
+    assert run.latest_resumable() == (run.checkpoint_path(2), run.state_path(2))  # the pointer's
+    (run.path / "latest").write_text("{half a pointer")
+    assert run.latest_resumable() == (run.checkpoint_path(2), run.state_path(2))  # scanned
+    assert run.latest_step() == 3  # a model file is still the newest model
+
+
+def test_a_full_disk_while_safetensors_writes_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own error type, with the system's error number."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(MidmsError, match=r"cannot write .*ckpt.safetensors: the disk is full"):
+        ckpt_mod.save_checkpoint(tmp_path / "ckpt.safetensors", {"x": torch.zeros(2)}, {}, "midms")
+    assert list(tmp_path.iterdir()) == []

@@ -10,9 +10,19 @@ import typer
 from rich.markup import escape
 
 import midms_cli
+from midms_cli.atomic import fixable_reason
 from midms_cli.cli.lazy import LazyGroup
 from midms_cli.cli.state import STATE, err_console
 from midms_cli.errors import MidmsError
+
+try:  # recent Typer versions carry their own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # older ones depend on click itself
+    from click import exceptions as _click_errors
+
+UsageError = _click_errors.UsageError
+# A bare command group (no arguments): click prints its help; missing before click 8.2.
+NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 app = typer.Typer(
     name="midms",
@@ -80,34 +90,69 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+def _error_line(text: str) -> None:
+    """One line whatever the message embeds (e.g. a third-party exception's multi-line text);
+    escaped so that brackets in paths or values are printed, not read as rich markup."""
+    message = escape(" ".join(text.split()))
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
+def _usage_line(exc: UsageError) -> str:
+    """A click usage error (bad option value, missing argument, unknown option) as one line."""
+    command = exc.ctx.command_path if exc.ctx is not None else "midms"
+    return f"{exc.format_message()} (see `{command} --help`)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     args = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
     debug = "--debug" in args
     try:
-        # Standalone mode: usage errors print click's message and exit 2, --help exits 0.
-        app(args=args, prog_name="midms")
+        # Not standalone: click's usage errors come here to be printed as one line; --help and
+        # typer.Exit return their exit code.
+        code = app(args=args, prog_name="midms", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except NoArgsIsHelpError as exc:  # a bare group: its help, as click prints it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        _error_line(_usage_line(exc))
+        sys.exit(2)
     except MidmsError as exc:
         if debug:
             traceback.print_exc()
-        # One line whatever the message embeds (e.g. a third-party exception's multi-line text);
-        # escaped so that brackets in paths or values are printed, not read as rich markup.
-        message = escape(" ".join(str(exc).split()))
-        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+        _error_line(str(exc))
         sys.exit(2)
+    except OSError as exc:  # a full disk or missing permission the command did not catch itself
+        reason = fixable_reason(exc)
+        if reason is None:
+            _internal_error(exc, debug)
+        if debug:
+            traceback.print_exc()
+        _error_line(f"cannot use {exc.filename or 'a file'}: {reason}")
+        sys.exit(2)
+    except typer.Abort:
+        err_console.print("interrupted", highlight=False)
+        sys.exit(130)
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
     except SystemExit:
         raise
     except Exception as exc:  # an internal error: say so, traceback only with --debug
-        if debug:
-            traceback.print_exc()
-        else:
-            err_console.print(
-                f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))} "
-                "(run with --debug for the traceback)",
-                highlight=False,
-                soft_wrap=True,
-            )
-        sys.exit(1)
+        _internal_error(exc, debug)
+
+
+def _internal_error(exc: Exception, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    else:
+        err_console.print(
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))} "
+            "(run with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    sys.exit(1)

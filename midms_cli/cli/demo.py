@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from midms_cli.atomic import check_output_dir
 from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.demo import PROFILES, DemoOptions, run_demo
@@ -114,11 +115,14 @@ def demo_command(
     if not train:
         from midms_cli.pipelines.showcase import ShowcaseOptions, run_showcase
 
+        out = out or Path("midms-demo")
+        check_output_dir(out)  # before any work
+
         columns = (TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with progress_bar(*columns, transient=True) as progress:
             task = progress.add_task("evaluate", total=pairs * seeds)
             summary = run_showcase(ShowcaseOptions(
-                out=out or Path("midms-demo"), model=model, pairs=pairs, seed=seed, seeds=seeds,
+                out=out, model=model, pairs=pairs, seed=seed, seeds=seeds,
                 device=STATE.device, log=lambda message: err_console.print(message, highlight=False),
                 progress=lambda n: progress.advance(task, n),
             ))  # fmt: skip
@@ -128,11 +132,13 @@ def demo_command(
         raise MidmsError("--model shows an existing model; it cannot be combined with --train")
     if profile not in PROFILES:
         raise MidmsError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    out = out or Path(f"midms-demo-{profile}")
+    check_output_dir(out)  # before any work
     if profile == "quick":
         err_console.print("quick profile: a few optimizer steps per stage, to check that the pipeline runs; "
                           "expect noise, not faces", highlight=False)  # fmt: skip
-    options = DemoOptions(out=out or Path(f"midms-demo-{profile}"), profile=PROFILES[profile], seed=seed,
-                          device=STATE.device, show_progress=not STATE.json, bar=rich_bar,
+    options = DemoOptions(out=out, profile=PROFILES[profile], seed=seed, device=STATE.device,
+                          show_progress=not STATE.json, bar=rich_bar,
                           log=lambda message: err_console.print(message, highlight=False))  # fmt: skip
     summary = run_demo(options)
     emit(summary, summary_table(summary))

@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from midms_cli.atomic import check_output_dir, check_output_files
 from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.devices import resolve_device
 from midms_cli.errors import MidmsError
@@ -175,6 +176,9 @@ def eval_command(
     Example: midms eval --real photos/ --fake outputs/ --metrics fid,swd
     """
     chosen = parse_metric_names(metrics)
+    if out is not None or real is None:
+        check_output_dir(out or Path("eval"), "--out")  # before any work; a notice if results exist
+        check_output_files([(out or Path("eval")) / "results.json"], "--out")
     device = resolve_device(STATE.device)
     if real is not None or fake is not None:
         if real is None or fake is None:

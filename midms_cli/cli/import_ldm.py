@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from midms_cli.atomic import check_output_file
 from midms_cli.cli.state import emit
 
 
@@ -25,6 +26,7 @@ def import_ldm_command(
 
     Example: midms weights import-ldm --config config.yaml --ckpt model.ckpt --out ldm-celeba256.safetensors
     """
+    check_output_file(out, "--out")  # before any work
     from midms_cli.ldm_import import import_ldm
 
     result = import_ldm(config, ckpt, out, ema=ema)

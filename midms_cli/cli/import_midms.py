@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from midms_cli.atomic import check_output_file
 from midms_cli.cli.state import emit
 from midms_cli.conditions import CONDITIONS
 from midms_cli.errors import MidmsError
@@ -28,6 +29,7 @@ def import_midms_command(
     """
     if condition is not None and condition not in CONDITIONS:
         raise MidmsError(f"--condition {condition!r}: choose one of {', '.join(CONDITIONS)}")
+    check_output_file(out, "--out")  # before any work
     from midms_cli.midms_import import import_midms
 
     result = import_midms(checkpoint, ldm, out, condition)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from midms_cli.atomic import check_output_dir, check_output_files
 from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.errors import MidmsError
 
@@ -159,6 +160,10 @@ def translate_command(
         raise MidmsError(f"--noise-order {noise_order!r}: choose one of {', '.join(NOISE_ORDERS)}")
     if resize not in FITS:
         raise MidmsError(f"--resize {resize!r}: choose one of {', '.join(FITS)}")
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out-dir")
+    jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
+    check_output_files([job.output for job in jobs], "--out-dir" if out_dir else "-o")  # before any work
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from midms_cli import distributed
@@ -174,7 +179,6 @@ def translate_command(
     )
     from midms_cli.pipelines.translate_parallel import rank_device, translate_pairs_data_parallel
 
-    jobs = _plan(condition, exemplar, out, out_dir, pairs, ref_cond)
     # Under torchrun (WORLD_SIZE > 1) each process translates its share of the jobs.
     parallel = distributed.init()
     device = rank_device(STATE.device) if parallel else resolve_device(STATE.device)

@@ -14,6 +14,7 @@ Accepted inputs (`load_condition`):
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from midms_cli.atomic import atomic_path
 from midms_cli.conditions import condition_spec
 from midms_cli.errors import MidmsError
+from midms_cli.images import check_pixel_count, open_lazily
 
 TENSOR_KEY = "condition"  # the safetensors key of a condition tensor
 POSE_FRAME = 256  # keypoints are in the pixel frame of 256 x 256 DeepFashion images (official keypoint files)
@@ -66,30 +68,51 @@ def _tensor_to_unit(array: torch.Tensor, path: Path) -> torch.Tensor:
         return array.float() / 255.0
     if not array.is_floating_point():
         raise MidmsError(f"{path}: condition tensors must be uint8 or float, got {array.dtype}")
+    if not bool(torch.isfinite(array).all()):
+        # Caught here, not after a whole translation: NaN would reach the output image.
+        raise MidmsError(f"{path}: the condition holds NaN or infinite values; conditions are in [0, 1]")
     return array.float()
 
 
+def _check_size(path: Path, shape: tuple[int, ...]) -> None:
+    """The image pixel limit for tensor files, from the shape alone (before the data is read)."""
+    if len(shape) >= 2:
+        check_pixel_count(path, int(shape[-2]), int(shape[-1]))
+
+
+def _load_npy(path: Path) -> torch.Tensor:
+    array = np.load(path, allow_pickle=False, mmap_mode="r")  # reads the header only
+    _check_size(path, array.shape)
+    return torch.from_numpy(np.array(array))
+
+
 def _load_tensor(path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
     try:
         if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False).copy())
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-    except (OSError, ValueError) as exc:
+            return _load_npy(path)
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+            if TENSOR_KEY not in names:
+                raise MidmsError(f"{path}: no tensor named {TENSOR_KEY!r} (found {sorted(names)})")
+            _check_size(path, tuple(handle.get_slice(TENSOR_KEY).get_shape()))
+            return handle.get_tensor(TENSOR_KEY)
+    except MidmsError:
+        raise
+    except (OSError, ValueError, EOFError, SafetensorError) as exc:
         raise MidmsError(f"cannot read condition {path}: {exc}") from exc
-    if TENSOR_KEY not in tensors:
-        raise MidmsError(f"{path}: no tensor named {TENSOR_KEY!r} (found {sorted(tensors)})")
-    return tensors[TENSOR_KEY]
 
 
 def _read_png(path: Path, mode: str | None) -> np.ndarray:
     from PIL import Image
 
+    handle = open_lazily(path)  # the pixel limit, checked before decoding
     try:
-        with Image.open(path) as handle:
+        with handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return np.asarray(handle.convert(mode) if mode and handle.mode != mode else handle)
-    except OSError as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise MidmsError(f"cannot read condition image {path}: {exc}") from exc
 
 

@@ -12,6 +12,7 @@ import abc
 import functools
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from midms_cli.data.pairing import (
 )
 from midms_cli.data.plugin import BasePlugin, PluginOption, Sample, index_rng
 from midms_cli.errors import MidmsError
-from midms_cli.images import array_to_tensor, open_image, resize_pil, to_rgb_array
+from midms_cli.images import array_to_tensor, open_image, open_lazily, resize_pil, to_rgb_array
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 FEATURE_SIZE = 32  # images are read at this size to build a reference list by similarity
@@ -225,11 +226,15 @@ class FolderDataset(BasePlugin, abc.ABC):
     def feature_image(self, source: Path, item: str) -> torch.Tensor:
         """A small copy of an item's photo for retrieval; JPEGs are decoded at reduced scale (draft)."""
         path = self.photo_path(source, item)
+        # The pixel limit applies here too: an oversized photo is skipped as its own sample is,
+        # instead of being decoded in full (or stopping the whole run) while the list is built.
+        handle = open_lazily(path)
         try:
-            with Image.open(path) as handle:
+            with handle, warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 handle.draft("RGB", (2 * FEATURE_SIZE, 2 * FEATURE_SIZE))  # a no-op for non-JPEG files
                 small = handle.convert("RGB").resize((FEATURE_SIZE, FEATURE_SIZE), Image.BILINEAR)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
             raise MidmsError(f"image {path} is corrupt or unreadable ({exc})") from exc
         return array_to_tensor(np.asarray(small))
 

@@ -299,10 +299,20 @@ def pairs_from_folders(conditions: Path, exemplars: Path, out_dir: Path) -> list
 def read_pairs_file(path: Path, out_dir: Path) -> list[Pair]:
     """A pairs list: one `CONDITION EXEMPLAR [EXEMPLAR_CONDITION]` per line (whitespace or commas),
     '#' comments; relative paths are relative to the list's folder. Output: OUT_DIR/<line>_<stem>.png."""
-    if not path.is_file():
+    if not path.exists():
         raise MidmsError(f"pairs file {path} does not exist")
+    if path.is_dir():  # anything else is read: a file, a pipe, /dev/stdin
+        raise MidmsError(f"--pairs {path} is a folder; give a pairs list file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MidmsError(f"pairs file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise MidmsError(f"cannot read pairs file {path}: {exc.strerror}") from None
+    # Relative paths are relative to the list's folder; for a stream (/dev/stdin), to this one.
+    anchor = path.parent if path.is_file() else Path.cwd()
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split("#", 1)[0].replace(",", " ").split()
         if not fields:
             continue
@@ -310,7 +320,7 @@ def read_pairs_file(path: Path, out_dir: Path) -> list[Pair]:
             raise MidmsError(
                 f"{path}:{number}: expected 'CONDITION EXEMPLAR [EXEMPLAR_CONDITION]', got {line!r}"
             )
-        files = [Path(f) if Path(f).is_absolute() else path.parent / f for f in fields]
+        files = [Path(f) if Path(f).is_absolute() else anchor / f for f in fields]
         output = out_dir / f"{len(pairs):05d}_{files[0].stem}.png"
         pairs.append(Pair(files[0], files[1], output, files[2] if len(files) == 3 else None))
     if not pairs:

@@ -3,40 +3,61 @@
 One process or many under torchrun (DistributedDataParallel, gloo on CPU); rank 0 logs, writes
 checkpoints, metrics and sample grids. A run directory resumes exactly: model, optimizers,
 schedulers, step, and the data stream (a pure function of seed, step and rank, see `DataStream`).
+A process killed at any point leaves the newest complete checkpoint current and temporary files
+that the next run removes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from midms_cli import distributed
-from midms_cli.atomic import write_text
-from midms_cli.checkpoint import RunDir, get_rng_state, load_modules, load_training_state, set_rng_state
+from midms_cli.checkpoint import load_modules, load_training_state
 from midms_cli.devices import autocast_dtype, resolve_device
 from midms_cli.errors import MidmsError
 from midms_cli.images import save_png
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-SAMPLES_DIR = "samples"
-# Per-rank trace of data keys and parameter checksums (only with LoopOptions.trace; used by tests).
-TRACE_FILE = "trace-rank{rank}.jsonl"
+# The data stream, the run's files, EMA and interrupts live in their own modules; their names stay
+# importable here.
+from midms_cli.pipelines.datastream import (  # noqa: F401
+    DATA_SEGMENT,
+    DataStream,
+    endless_epochs,
+    seed_everything,
+    shard_loader,
+    step_seed,
+)
+from midms_cli.pipelines.ema import EMA
+from midms_cli.pipelines.interrupts import StopFlag
+from midms_cli.pipelines.runfiles import (  # noqa: F401
+    CONFIG_FILE,
+    METRICS_FILE,
+    SAMPLES_DIR,
+    TRACE_FILE,
+    append_jsonl,
+    parameter_checksum,
+    read_run_config,
+    remove_run_temporaries,
+    sample_grid,
+    sample_keys,
+    to_device,
+    truncate_jsonl,
+    write_run_config,
+)
+from midms_cli.rundir import RunDir
+
 _console = Console(stderr=True)
 
 
@@ -57,6 +78,7 @@ class LoopOptions:
     checkpoint_every: int = 1000
     sample_every: int = 500
     keep_checkpoints: int = 3
+    data_segment: int = DATA_SEGMENT
     trace: bool = False
     progress: bool = True
     # Called after every completed step with the step number (tests use it to simulate a kill).
@@ -90,218 +112,7 @@ class LoopResult:
     nonfinite_skipped: int
     last_losses: dict[str, float]
     final_model: Path | None
-
-
-# --------------------------------------------------------------------------------------------
-# Determinism
-
-
-def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
-    """A 63-bit seed that depends only on (seed, step, rank, stream): resume needs no RNG history."""
-    value = (seed * 1_000_003 + step) * 1_009 + rank
-    value = value * 31 + stream
-    return value % (2**63 - 1)
-
-
-def seed_everything(value: int) -> None:
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
-
-
-@contextlib.contextmanager
-def _isolated_rng(holder: dict[str, Any]) -> Iterator[None]:
-    """Run with the RNG states kept in `holder` and leave the global ones untouched.
-
-    The data pipeline may draw random numbers (shuffling, worker seeds); isolating it keeps the
-    model's random stream identical whether the loader was just rebuilt (resume) or not.
-    """
-    outer = get_rng_state()
-    set_rng_state(holder["rng"])
-    try:
-        yield
-    finally:
-        holder["rng"] = get_rng_state()
-        set_rng_state(outer)
-
-
-class DataStream:
-    """Micro-batches as a pure function of (seed, micro-step index, rank).
-
-    The stream is cut into segments of `segment` micro-batches; each segment is a fresh loader
-    seeded from (seed, segment, rank). Resuming mid-segment rebuilds it and skips what was consumed.
-    """
-
-    def __init__(self, make_loader: Callable[[int], Iterable], seed: int, segment: int, rank: int) -> None:
-        self.make_loader = make_loader
-        self.seed, self.segment, self.rank = seed, max(1, segment), rank
-        self._iterator: Iterator | None = None
-        self._position = -1  # micro-step index of the next batch the iterator yields
-        self._rng: dict[str, Any] = {}
-
-    def _start(self, index: int) -> None:
-        segment_index = index // self.segment
-        seed = step_seed(self.seed, segment_index, self.rank, stream=1)
-        outer = get_rng_state()
-        seed_everything(seed)
-        self._rng = {"rng": get_rng_state()}  # the data's own random stream for this segment
-        set_rng_state(outer)
-        with _isolated_rng(self._rng):
-            self._iterator = iter(self.make_loader(seed % 2**31))
-            start = segment_index * self.segment
-            for _ in range(index - start):
-                next(self._iterator)
-        self._position = index
-
-    def batch(self, index: int) -> dict[str, Any]:
-        """The micro-batch with global index `index` (consecutive calls are cheap)."""
-        if self._iterator is None or index != self._position or index % self.segment == 0:
-            self._start(index)
-        with _isolated_rng(self._rng):
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                raise MidmsError("the training data ran out; prepare more samples") from None
-        self._position = index + 1
-        return batch
-
-
-# --------------------------------------------------------------------------------------------
-# EMA
-
-
-class EMA(nn.Module):
-    """Exponential moving average of a module's floating-point parameters (buffers, saved as `ema.`)."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        super().__init__()
-        self.decay = decay
-        # Only what is trained: frozen parts (the first stage) would average to themselves.
-        self._names = [
-            name for name, p in module.named_parameters() if p.is_floating_point() and p.requires_grad
-        ]
-        params = dict(module.named_parameters())
-        for name in self._names:
-            self.register_buffer(name.replace(".", "__"), params[name].detach().clone())
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        params = dict(module.named_parameters())
-        for name in self._names:
-            getattr(self, name.replace(".", "__")).lerp_(params[name].detach(), 1 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped_into(self, module: nn.Module) -> Iterator[None]:
-        """Temporarily load the averaged weights into `module` (for sampling and export)."""
-        params = dict(module.named_parameters())
-        saved = {name: params[name].detach().clone() for name in self._names}
-        with torch.no_grad():
-            for name in self._names:
-                params[name].copy_(getattr(self, name.replace(".", "__")))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name in self._names:
-                    params[name].copy_(saved[name])
-
-
-# --------------------------------------------------------------------------------------------
-# Interrupts
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop saves a checkpoint at the end of the step and returns.
-
-    A second Ctrl-C raises KeyboardInterrupt at once (the last complete checkpoint stays current).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
-        self.requested = True
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-
-
-def parameter_checksum(module: nn.Module) -> float:
-    """Sum of all parameters in float64: equal across ranks iff DDP kept the replicas in sync."""
-    with torch.no_grad():
-        return float(sum(p.detach().double().sum() for p in module.parameters()))
-
-
-def sample_keys(batch: dict[str, Any]) -> list[str]:
-    return [str(m.get("__key__", m.get("key", ""))) for m in batch.get("meta", [])]
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-
-
-def sample_grid(columns: list[torch.Tensor], max_rows: int = 4) -> torch.Tensor:
-    """(3, rows*H, cols*W) grid: one row per sample, one column per tensor (each (B, C, H, W) in [-1, 1])."""
-    shown = []
-    for column in columns:
-        column = column[:max_rows].detach().float().cpu()
-        if column.shape[1] == 1:
-            column = column.expand(-1, 3, -1, -1)
-        shown.append(torch.nan_to_num(column[:, :3], nan=0.0).clamp(-1, 1))
-    rows = [torch.cat([c[i] for c in shown], dim=2) for i in range(shown[0].shape[0])]
-    return torch.cat(rows, dim=1)
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One JSON line, flushed (a log is appended to, not rewritten; a crash loses at most this line)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-
-
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (they belong to steps a resumed run will redo)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    write_text(path, "".join(k + "\n" for k in kept))
-
-
-def write_run_config(out: Path, config: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def read_run_config(out: Path) -> dict[str, Any] | None:
-    path = Path(out) / CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MidmsError(f"{path} is not valid JSON ({exc.msg}); fix or delete it") from None
+    signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
 
 
 def setup_device(name: str = "auto") -> torch.device:
@@ -312,40 +123,19 @@ def setup_device(name: str = "auto") -> torch.device:
     return resolve_device(name)
 
 
-def endless_epochs(loader: Iterable, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Full batches of `loader`, epoch after epoch (each new pass re-shuffles); short last batches dropped."""
-    while True:
-        produced = False
-        for batch in loader:
-            if len(batch["meta"]) == batch_size:
-                produced = True
-                yield batch
-        if not produced:
-            raise MidmsError(
-                f"this process's share of the training shards holds fewer than {batch_size} samples; "
-                "prepare more samples or shards, or lower the batch size / number of processes"
-            )
-
-
-def shard_loader(
-    data: Path, split: str, batch_size: int, num_workers: int = 0, *, load_size: int = 0, flip: bool = False
-) -> Callable[[int], Iterable]:
-    """A loader factory over WebDataset shards: seed -> an endless per-rank batch stream.
-
-    Each rank reads only its own shards (split by node and worker), pass after pass, so ranks see
-    disjoint data and none runs dry before another (no hang on uneven shards). load_size / flip:
-    the official augmentation (`crop_and_flip`; 0 / False: none).
-    """
-    from midms_cli.data.shards import make_loader
-
-    def make(seed: int) -> Iterable:
-        loader = make_loader(
-            data, split, batch_size, shuffle=True, resample=False, seed=seed, num_workers=num_workers,
-            flip=flip, load_size=load_size or None,
-        )
-        return endless_epochs(loader, batch_size)
-
-    return make
+@contextlib.contextmanager
+def _bar(progress: Progress, console: Console) -> Iterator[None]:
+    """The progress bar around the loop; a failed run ends with its error line, not a half-drawn bar."""
+    quiet = console.quiet
+    try:
+        with progress:
+            try:
+                yield
+            except BaseException:
+                console.quiet = True  # what the bar would draw as it closes is left out
+                raise
+    finally:
+        console.quiet = quiet
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,9 +156,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = distributed.is_main()
         self.run_dir = RunDir(options.out, keep=options.keep_checkpoints)
-        self.data = DataStream(
-            make_loader, options.seed, options.checkpoint_every * options.grad_accumulation, self.rank
-        )
+        self.data = DataStream(make_loader, options.seed, options.data_segment, self.rank)
         self.ema = (
             EMA(task.ema_module, options.ema_decay).to(device)
             if (options.ema_decay > 0 and task.ema_module is not None)
@@ -399,19 +187,30 @@ class Trainer:
     # Resume.
 
     def resume(self) -> bool:
-        """Load the newest checkpoint of the run directory, if any; True when resumed."""
-        checkpoint = self.run_dir.latest()
-        if checkpoint is None:
+        """Load the newest checkpoint that has its training state beside it, if any; True when resumed.
+
+        A checkpoint without its state (the process was killed between the two files) is not a step
+        to resume from; with no complete pair at all the run starts again from step 0.
+        """
+        pair = self.run_dir.latest_resumable()
+        if pair is None:
+            if self.main and self.run_dir.steps():
+                _console.print(
+                    f"{self.run_dir.path} holds no checkpoint with its training state (an interrupted "
+                    "first save); starting from step 0",
+                    highlight=False,
+                )
             return False
-        state = self.run_dir.latest_state()
-        if state is None:
-            raise MidmsError(f"{checkpoint} has no training state beside it; start a new run directory")
+        checkpoint, state = pair
         load_modules(checkpoint, self._saved_modules(), expected_kind=self.task.kind)
         loaded = load_training_state(state, self.task.optimizers, self.task.schedulers)
         self.step = loaded["step"]
         extra = loaded["extra"]
         self.nonfinite_total = int(extra.get("nonfinite_total", 0))
         self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
+        # Runs saved before the segment was recorded cut their data by the checkpoint interval.
+        segment = extra.get("data_segment", self.options.checkpoint_every * self.options.grad_accumulation)
+        self.data = DataStream(self.data.make_loader, self.options.seed, int(segment), self.rank)
         return True
 
     def save(self) -> Path | None:
@@ -425,6 +224,7 @@ class Trainer:
                 schedulers=self.task.schedulers,
                 state_extra={
                     "data_position": self.step * self.options.grad_accumulation,
+                    "data_segment": self.data.segment,
                     "nonfinite_total": self.nonfinite_total,
                     "nonfinite_streak": self.nonfinite_streak,
                 },
@@ -576,6 +376,8 @@ class Trainer:
     def run(self) -> LoopResult:
         """Train until max_iters (or a stop request); checkpoints, logs and samples on the way."""
         options, out = self.options, Path(self.options.out)
+        if self.main:
+            remove_run_temporaries(out)
         resumed = self.resume()
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -588,6 +390,7 @@ class Trainer:
         self.task.model.train()
         losses: dict[str, float] = {}
         interrupted = False
+        stopped_by: int | None = None
         last_batch: dict[str, Any] | None = None
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -600,7 +403,7 @@ class Trainer:
             transient=False,
         )
         samples_per_step = options.batch_size * options.grad_accumulation * self.world
-        with StopFlag() as stop, progress:
+        with StopFlag() as stop, _bar(progress, _console):
             bar = progress.add_task(self.task.kind, total=options.max_iters, completed=self.step, status="")
             window_start, window_steps = time.perf_counter(), 0
             while self.step < options.max_iters:
@@ -631,10 +434,11 @@ class Trainer:
                     self.save()
                 if stop_now:
                     interrupted = self.step < options.max_iters
+                    stopped_by = stop.signum if stop.signum is not None else signal.SIGTERM
                     break
         final = None
         if not interrupted:
-            if self.run_dir.latest_step() != self.step:
+            if self.run_dir.latest_step(with_state=True) != self.step:
                 self.save()
             sampled_last_step = options.sample_every > 0 and self.step % options.sample_every == 0
             if last_batch is not None and not sampled_last_step:  # the loop may have just written it
@@ -645,4 +449,6 @@ class Trainer:
                 f"interrupted: checkpoint saved at step {self.step}; run the same command to resume",
                 highlight=False,
             )
-        return LoopResult(self.step, interrupted, self.nonfinite_total, losses, final)
+        return LoopResult(
+            self.step, interrupted, self.nonfinite_total, losses, final, stopped_by if interrupted else None
+        )

@@ -4,12 +4,15 @@ Resumable and deterministic: shard i holds samples i*S .. (i+1)*S-1, each sample
 (seed, split, index), every shard is written under a temporary name and renamed when whole, and a
 restarted run keeps the shards that exist and writes only the missing ones. `prepare.json` in each
 split folder records the plan so that a restart with different settings is refused, not mixed.
+Temporary files of a killed run are removed when the next one starts; a run that fails before its
+first shard is finished (a bad input, a full disk) removes what it wrote.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import multiprocessing
 import tarfile
 from collections.abc import Callable, Iterator
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 import midms_cli
-from midms_cli.atomic import write_text
+from midms_cli.atomic import check_output_dir, remove_stale_temporaries, undo_on_failure, write_text
 from midms_cli.checkpoint import recorded_command
 from midms_cli.data.plugin import SPLITS, Sample, resolve_options
 from midms_cli.data.shards import (
@@ -81,6 +84,20 @@ def validate(config: PrepareConfig, plugin: Any) -> None:
             raise MidmsError(f"dataset {plugin.name!r} reads a folder: give --source DIR")
         if not Path(config.source).is_dir():
             raise MidmsError(f"--source {config.source} is not a folder")
+    check_output_dir(config.out)
+    for split in config.splits:
+        check_output_dir(Path(config.out) / split, "--out")
+
+
+def validate_options(plugin: Any, options: dict[str, Any]) -> None:
+    """Plugin option values no dataset can use: NaN or infinite numbers, negative counts."""
+    for option in getattr(plugin, "options", ()):
+        value = options.get(option.name)
+        if option.type in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise MidmsError(f"{option.flag} must be a finite number, got {value}")
+            if option.name.endswith("count") and value < 0:
+                raise MidmsError(f"{option.flag} must be >= 0, got {value}")
 
 
 # One shard.
@@ -169,9 +186,10 @@ def _check_plan(directory: Path, plan: dict) -> None:
 
 
 def _remove_stale_temporaries(directory: Path) -> None:
-    """A killed run can leave `.shard-*.tmp.tar` files behind; they never count as shards."""
-    for stale in directory.glob(".shard-*.tmp*"):
-        stale.unlink(missing_ok=True)
+    """A killed run can leave temporary shards, prepare.json and index.json files behind; they
+    never count (only whole files under their own names do)."""
+    remove_stale_temporaries(directory)
+    remove_stale_temporaries(directory.parent)
 
 
 def prepare_split(
@@ -185,13 +203,15 @@ def prepare_split(
     """Write every missing shard of `split`, then its index.json; returns the index."""
     # Plan the split.
     total = plugin.count(config.source, split, options)
+    if not isinstance(total, int) or total < 0:
+        raise MidmsError(f"dataset {plugin.name!r} reports {total!r} {split} samples; check its options")
     if config.limit is not None:
         total = min(total, config.limit)
     directory = config.out / split
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
     plan = _plan(plugin, config, options, split, total)
     _check_plan(directory, plan)
-    _remove_stale_temporaries(directory)
     shard_count = (total + config.shard_size - 1) // config.shard_size
 
     # Keep the shards a previous run finished.
@@ -212,13 +232,19 @@ def prepare_split(
     else:
         pool = multiprocessing.get_context("spawn").Pool(min(config.workers, len(jobs)))
         results = pool.imap(_worker_make_shard, jobs)
+    written = sum(info.count for info in infos.values())
+    reported = 0  # how many of `skipped` were reported
     try:
         for shard, (info, reasons) in zip(todo, results, strict=True):
             infos[shard] = info
+            written += info.count
+            # Warnings wait for the first written sample: when every sample is skipped, the one
+            # error line below says so, with the first reason, instead of a warning per sample.
             skipped += reasons
-            for reason in reasons:
-                if report:
+            if written and report:
+                for reason in skipped[reported:]:
                     report(f"warning: skipped {reason}")
+                reported = len(skipped)
             if progress:
                 progress(split, min(config.shard_size, total - shard * config.shard_size), total)
     finally:
@@ -259,10 +285,22 @@ def prepare(
     """Prepare every requested split; returns {split: {count, shards, skipped}} and the output folder."""
     validate(config, plugin)
     options = resolve_options(plugin, config.options)
+    validate_options(plugin, options)
     result: dict[str, Any] = {"dataset": config.dataset or plugin.name, "out": str(config.out), "splits": {}}
-    for split in config.splits:
-        index = prepare_split(plugin, config, options, split, progress, report)
-        result["splits"][split] = {
-            "count": index["count"], "shards": len(index["shards"]), "skipped": index["skipped"],
-        }  # fmt: skip
+    with undo_on_failure(config.out, _finished_shard):
+        for split in config.splits:
+            index = prepare_split(plugin, config, options, split, progress, report)
+            result["splits"][split] = {
+                "count": index["count"], "shards": len(index["shards"]), "skipped": index["skipped"],
+            }  # fmt: skip
     return result
+
+
+def _finished_shard(path: Path) -> bool:
+    """What a failed run keeps: finished shards holding samples, which a re-run reuses."""
+    if not (path.name.startswith("shard-") and path.suffix == ".tar"):
+        return False
+    try:
+        return existing_shard_info(path).count > 0
+    except (OSError, tarfile.TarError):
+        return False

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midms_cli import distributed
-from midms_cli.checkpoint import RunDir, save_modules
+from midms_cli.checkpoint import save_modules
 from midms_cli.config import ModelConfig, from_dict, to_dict, validate
 from midms_cli.diffusion.ddim import ddim_step
 from midms_cli.diffusion.schedule import NoiseSchedule
@@ -28,6 +28,7 @@ from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.unet import UNetModel
 from midms_cli.models.vgg import load_vgg19
 from midms_cli.pipelines import loop
+from midms_cli.rundir import RunDir
 from midms_cli.weights import require_weight
 
 MODELS = ("autoencoder", "diffusion")

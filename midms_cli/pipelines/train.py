@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from midms_cli import distributed, losses
-from midms_cli.checkpoint import RunDir, load_checkpoint, module_state, save_modules
+from midms_cli.checkpoint import load_checkpoint, module_state, save_modules
 from midms_cli.config import ModelConfig, TrainingConfig
 from midms_cli.diffusion.ddim import predict_x0
 from midms_cli.diffusion.schedule import q_sample
@@ -28,6 +28,7 @@ from midms_cli.models.feature_net import build_feature_net
 from midms_cli.models.midm import MIDM, ConditionFeatures, ExemplarFeatures, interleaved_trajectory
 from midms_cli.pipelines import loop
 from midms_cli.pipelines.pretrain import check_data, resolve_model_file
+from midms_cli.rundir import RunDir
 from midms_cli.weights import require_weight
 
 MIDMS_KIND = "midms"
@@ -430,7 +431,7 @@ def run_phase(
         training.warmup_iters = max(training.warmup_iters, steps) if stored is not None else steps
     training.warmup_epochs = 0
     loop.seed_everything(training.seed)
-    if stored is not None and RunDir(out).latest() is not None:
+    if stored is not None and RunDir(out).latest_resumable() is not None:
         model = MIDM(model_config)  # resuming: the weights come from the run's newest checkpoint
     elif init is not None:
         model = model_from_midms(model_config, init)

@@ -70,7 +70,8 @@ class SynthFaces(BasePlugin):
     options = (
         PluginOption("variant", str, "official", "condition: official 15-channel CelebA-HQ recipe or canny",
                      choices=tuple(VARIANTS)),
-        PluginOption("pairing", str, "mixed", "exemplar pairing: mixed (the official training mix), easy, hard or self",
+        PluginOption("pairing", str, "mixed",
+                     "exemplar pairing: mixed (the official training mix), easy, hard or self",
                      choices=("mixed", *PAIRINGS)),
         PluginOption("exemplar_appearance", str, "auto",
                      "exemplar colours: auto (similar for train, independent for val), same, similar or "

@@ -318,3 +318,65 @@ def test_fewer_shards_than_workers_reads_every_sample_once(tmp_path):
     run(tmp_path, splits=("train",), options={"count": 3}, shard_size=4)
     loader = make_loader(tmp_path, "train", 2, resample=False, num_workers=2)
     assert sorted(m["index"] for batch in loader for m in batch["meta"]) == [0, 1, 2]
+
+
+def _flip_inside_member(path: Path, member_suffix: str, old: bytes, new: bytes) -> None:
+    """Replace bytes inside one member's payload, same length: the tar stays valid, its sha256 does not."""
+    import tarfile
+
+    with tarfile.open(path) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(member_suffix))
+        start, size = member.offset_data, member.size
+    data = bytearray(path.read_bytes())
+    payload = bytes(data[start : start + size])
+    assert old in payload and len(old) == len(new)
+    data[start : start + size] = payload.replace(old, new, 1)
+    path.write_bytes(bytes(data))
+
+
+def test_a_same_size_change_inside_a_member_is_caught_by_sha256_before_its_samples_are_used(tmp_path):
+    run(tmp_path, splits=("train",))
+    path = tmp_path / "train" / "shard-000002.tar"
+    size = path.stat().st_size
+    # Sample 8's metadata still parses (index 8 -> 9): without the checksum it would train silently.
+    _flip_inside_member(path, "train00008.json", b'"index": 8', b'"index": 9')
+    assert path.stat().st_size == size
+    lines: list[str] = []
+    loader = make_loader(tmp_path, "train", 1, resample=False, shuffle=False, report=lines.append)
+    assert sorted(m["index"] for batch in loader for m in batch["meta"]) == list(range(8))
+    assert loader.stream.stats.skipped_shards == ["shard-000002.tar"]
+    assert any("shard-000002.tar" in line and "sha256" in line for line in lines)
+    with pytest.raises(MidmsError, match="shard-000002.tar: sha256 differs"):
+        list(make_loader(tmp_path, "train", 1, resample=False, shuffle=False, strict=True))
+    stats = ReadStats()
+    samples = list(iterate_samples(tmp_path, "train", stats=stats, report=lines.append))
+    assert [s["meta"]["index"] for s in samples] == list(range(8))
+    assert stats.skipped_shards == ["shard-000002.tar"]
+
+
+def test_prepare_removes_every_temporary_a_killed_run_left(tmp_path):
+    run(tmp_path, splits=("train",))
+    leftovers = [tmp_path / "train" / ".index.json.k1ll3d00.tmp.json",
+                 tmp_path / "train" / ".prepare.json.abcdefgh.tmp.json",
+                 tmp_path / "train" / ".shard-000001.tar.zzzzzzzz.tmp.tar"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
+    run(tmp_path, splits=("train",))
+    assert not any(p.exists() for p in leftovers)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "index.json", "prepare.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_a_negative_or_nan_count_option_is_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(MidmsError, match="--count must be >= 0, got -5"):
+        run(tmp_path / "out", options={"count": -5})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_preparation_that_fails_before_any_shard_leaves_nothing(tmp_path):
+    with pytest.raises(MidmsError, match="every train sample was skipped"):
+        run(tmp_path / "out", splits=("train",), options={"count": 2, "bad": "0,1"})
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(MidmsError, match="broken source file item0"):
+        run(tmp_path / "strict", splits=("train",), strict=True, options={"count": 2, "bad": "0"})
+    assert not (tmp_path / "strict").exists()

@@ -69,3 +69,32 @@ def test_gradient_clipping_bounds_the_update_and_keeps_its_direction(
     update = -task.model.w.detach()
     assert float(update.norm()) == pytest.approx(expected_norm, rel=1e-6)
     assert torch.allclose(update / update.norm(), GRADIENT / GRADIENT.norm())
+
+
+def seeded_batches(seed: int):
+    """An endless stream whose batches depend on the loader's seed: a new segment, new batches."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"x": torch.randn(4, generator=generator), "meta": [{}]}
+
+
+def _train(out, max_iters: int, checkpoint_every: int, data_segment: int) -> torch.Tensor:
+    task = LinearTask()
+    options = LoopOptions(out=out, max_iters=max_iters, checkpoint_every=checkpoint_every,
+                          data_segment=data_segment, sample_every=0, progress=False)
+    task.sample_columns = lambda batch: [torch.zeros(1, 3, 2, 2)]
+    task.export = lambda path: None
+    Trainer(task, options, seeded_batches, torch.device("cpu")).run()
+    return task.model.w.detach().clone()
+
+
+def test_the_data_order_does_not_depend_on_the_checkpoint_interval(tmp_path):
+    """Segments of 3 micro-batches: saving every 2 or every 5 steps trains on the same batches,
+    and a run resumed with another segment length keeps the one it recorded."""
+    every_two = _train(tmp_path / "a", 7, 2, 3)
+    every_five = _train(tmp_path / "b", 7, 5, 3)
+    assert torch.equal(every_two, every_five)
+    assert not torch.equal(every_two, _train(tmp_path / "c", 7, 2, 4))  # the segment length does matter
+    _train(tmp_path / "d", 4, 4, 3)
+    resumed = _train(tmp_path / "d", 7, 5, 5)  # extended, with other settings: the recorded segment wins
+    assert torch.equal(resumed, every_two)
