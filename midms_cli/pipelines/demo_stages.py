@@ -6,12 +6,14 @@ Stages call the other pipelines' Python functions (never the CLI); `demo.run_sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from midms_cli.config import validate
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.demo import (
     BUNDLE_NAME,
@@ -239,7 +241,7 @@ def stage_evaluate(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]
     out = options.out / "eval"
     chosen = select_metrics(None, has_oracle=True, report=options.log)
     count = options.profile.eval_count
-    with options.bar("evaluate", count) as advance:
+    with options.bar("evaluate", count * options.profile.eval_seeds) as advance:
         evaluation = evaluate_model(
             options.out / BUNDLE_NAME,
             data_dir(options.out),
@@ -249,6 +251,7 @@ def stage_evaluate(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]
             limit=count,
             seed=options.seed,
             baselines=True,
+            seeds=options.profile.eval_seeds,
             diversity=2 if "lpips" in chosen else 0,
             batch_size=16,
             device=resolve_device(options.device),
@@ -295,10 +298,14 @@ def headline_numbers(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
-    """The trained model as one inference file (float16 weights: the bundled model stays < 10 MB)."""
+    """The trained model as one inference file (float16 weights keep the bundled model small)."""
     from midms_cli.checkpoint import save_modules
 
-    model = _trained_model(options)  # trained with the profile's sampler, which it keeps
+    model = _trained_model(options)  # trained with the profile's sampler, which it keeps ...
+    if options.profile.export_sampler:  # ... unless the profile ships another (chosen on tuning pairs)
+        sampling = dataclasses.replace(model.config.sampling, **options.profile.export_sampler)
+        model.config.sampling = sampling
+        validate(model.config)
     if options.profile.half_precision_export:
         model = copy.deepcopy(model).half()
     path = options.out / BUNDLE_NAME
