@@ -63,6 +63,9 @@ def fx(tmp_path_factory) -> Path:
     (root / "runlist").mkdir()
     (root / "runlist" / "config.json").write_text("[]")
     Image.new("RGB", (64, 64), (120, 30, 200)).save(root / "photo.png")
+    edges = Image.new("L", (64, 64), 0)  # a binary edge map: white edges on black
+    edges.paste(255, (10, 10, 54, 12))
+    edges.save(root / "edges.png")
     (root / "huge.png").write_bytes(_png_header(30000, 30000))
     (root / "notimage.png").write_bytes(b"this is text, not a PNG")
     (root / "photos").mkdir()
@@ -242,8 +245,8 @@ CASES: list[tuple[str, str]] = [
     ("translate {fx}/nan.npy {fx}/photo.png -o {work}/o.png", "NaN"),
     ("translate {fx}/huge.png {fx}/photo.png -o {work}/o.png", "too large"),
     ("translate {fx}/huge.npy {fx}/photo.png -o {work}/o.png", "too large"),
-    ("translate {fx}/photo.png {fx}/huge.png -o {work}/o.png", "too large"),
-    ("translate {fx}/photo.png {fx}/notimage.png -o {work}/o.png", "notimage.png"),
+    ("translate {fx}/edges.png {fx}/huge.png -o {work}/o.png", "too large"),
+    ("translate {fx}/edges.png {fx}/notimage.png -o {work}/o.png", "notimage.png"),
     ("translate {fx}/notimage.png {fx}/photo.png -o {work}/o.png", "notimage.png"),
     ("translate {fx}/cond.txt {fx}/photo.png -o {work}/o.png", "cond.txt"),
     ("translate {fx}/object.npy {fx}/photo.png -o {work}/o.png", "object.npy"),

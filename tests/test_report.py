@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from midms_cli.report import render_report, write_report
+from midms_cli.report import HEADLINES, best_methods, render_report, write_report
 
 
 class _Collector(HTMLParser):
@@ -25,18 +25,33 @@ class _Collector(HTMLParser):
 
 def test_report_is_balanced_html_with_relative_images_and_escaped_text(tmp_path):
     rows = [{"label": "a<b", "output": "images/output/a b.png", "oracle": None}]
+    results = {"seeds": [0], "methods": {"model": {"oracle_output_psnr": 12.3456, "note": "x&y"}}, "sd": {}}
     page = render_report(
         title="eval <1>",
-        results={"fid": 12.3456, "note": "x&y"},
-        protocol={"protocol_version": 1, "weights": {"inception-fid": "abc"}},
-        columns=["output", "oracle"],
+        results=results,
+        protocol={"protocol_version": 2, "methods": {"model": "M<i>"}, "weights": {"inception-fid": "abc"}},
         rows=rows,
     )
     parser = _Collector()
     parser.feed(page)
     assert parser.errors == [] and parser.stack == []
     assert parser.images == ["images/output/a%20b.png"]
-    assert "a&lt;b" in page and "eval &lt;1&gt;" in page and "x&amp;y" in page and "12.3456" in page
+    assert "a&lt;b" in page and "eval &lt;1&gt;" in page and "M&lt;i&gt;" in page and "12.35" in page
+    assert "inception-fid sha256" in page and "abc" in page  # the weights with their hashes
     assert page.startswith("<!DOCTYPE html>")
-    write_report(tmp_path / "report.html", title="t", results={}, protocol={}, columns=[], rows=[])
+    # The summary comes before the samples, the protocol last.
+    assert page.index('id="summary"') < page.index('id="samples"') < page.index("<h2>Protocol</h2>")
+    empty = {"seeds": [0], "methods": {"model": {}}, "sd": {}}
+    write_report(tmp_path / "report.html", title="t", results=empty, protocol={}, rows=[])
     assert (tmp_path / "report.html").read_text().rstrip().endswith("</html>")
+
+
+def test_best_of_a_column_skips_the_ceiling_and_follows_the_metric_direction():
+    methods = {
+        "model": {"oracle_output_psnr": 20.0, "swd_oracle": 30.0},
+        "exemplar_copy": {"oracle_output_psnr": 18.0, "swd_oracle": 20.0},
+        "ceiling": {"oracle_output_psnr": 25.0, "swd_oracle": 10.0},
+    }
+    psnr, swd = (next(h for h in HEADLINES if h.key == key) for key in ("oracle_output_psnr", "swd_oracle"))
+    assert best_methods(methods, psnr) == {"model"}  # higher is better; the ceiling is a bound
+    assert best_methods(methods, swd) == {"exemplar_copy"}  # lower is better

@@ -91,7 +91,7 @@ def demo_command(
         None, "--model", "-m", help="Without --train: the model to show (default: the bundled model)."
     ),
     pairs: int = typer.Option(
-        64, "--pairs", min=2, help="Without --train: new pairs generated and evaluated."
+        48, "--pairs", min=2, help="Without --train: new pairs generated and evaluated."
     ),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Without --train: noise seeds of the evaluation."),
     seed: int = typer.Option(0, "--seed", help="Seed of data generation (and of training with --train)."),

@@ -27,8 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "midms_cli.cli.demo",
-        "Run the whole pipeline on synthfaces with the tiny preset: prepare, pretrain, warm-up, train, "
-        "translate a grid, evaluate, export.",
+        "Show MIDMs translating: the bundled model on freshly generated synthetic face pairs.",
     ),
     "prepare": ("midms_cli.cli.prepare", "Turn a raw dataset into WebDataset shards."),
     "pretrain": (

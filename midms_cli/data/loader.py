@@ -2,7 +2,7 @@
 
 Shards are split by node (rank) and by DataLoader worker, read with their sha256 checked
 (`midms_cli.data.shards.read_shard`), shuffled in a buffer of raw samples, decoded, optionally
-cropped and flipped (spec 3.1 augmentation), and collated.
+cropped and flipped (the official training augmentation), and collated.
 """
 
 from __future__ import annotations
@@ -67,14 +67,15 @@ def _resized(name: str, value: Any, size: int) -> Any:
 def crop_and_flip(
     sample: dict[str, Any], crop: int | None, flip: bool, rng: random.Random, load_size: int | None = None
 ) -> dict[str, Any]:
-    """Spec 3.1 training augmentation: a random `crop` x `crop` window and a horizontal flip (p = 0.5).
+    """The official training augmentation: a random `crop` x `crop` window and a horizontal flip (p = 0.5).
 
     With `load_size`, every picture is first resized to load_size x load_size (photos bilinear,
     condition maps nearest, so edges and one-hot labels stay binary) and `crop` defaults to the
     shard's own size: the official resize-286-crop-256 on shards stored at 256.
     The target (image, cond and the oracle, which is aligned with them) shares one draw; the exemplar
     (ref, ref_cond) gets its own, except for a self pair, whose exemplar is the target itself with the
-    target's crop and flip. Unlike the official code (spec 5, item 24) ref_cond stays aligned with ref.
+    target's crop and flip. Unlike the official code, whose self pairs recompute the exemplar's condition
+    with a fresh crop and flip, ref_cond stays aligned with ref.
     """
     size = sample["image"].shape[-1]
     crop = size if crop is None else crop
@@ -249,7 +250,7 @@ def make_loader(
     `loader.skipped_shards`; read-time corruption is reported by the worker) or raise with strict.
     resample=False needs at least one shard per rank (else MidmsError); a DataLoader worker left
     without a shard just ends its share at once, so fewer shards than workers never hangs.
-    crop / flip / load_size: spec 3.1 augmentation (`crop_and_flip`): shards prepared at 286 px with
+    crop / flip / load_size: the official augmentation (`crop_and_flip`): shards prepared at 286 px with
     crop=256, or shards at 256 px with load_size=286.
     """
     if batch_size < 1:

@@ -117,7 +117,7 @@ def shard_loader(
 
     Each rank reads only its own shards (split by node and worker), pass after pass, so ranks see
     disjoint data and none runs dry before another (no hang on uneven shards). load_size / flip:
-    the spec 3.1 augmentation (`crop_and_flip`; 0 / False: none).
+    the official augmentation (`crop_and_flip`; 0 / False: none).
     """
     from midms_cli.data import shards  # looked up when called: tests wrap shards.make_loader
 

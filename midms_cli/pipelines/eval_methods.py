@@ -137,6 +137,7 @@ class ModelEvaluation:
             self.suites[name] = MetricSuite(metrics, self.size, device, seed, parts, networks=shared,
                                             references_from=first, label_names=labels)  # fmt: skip
         self.rows: list[dict[str, str | None]] = []
+        self.same_as_model: set[str] = set()  # ablations that take nothing out of this model's sampler
         self.written: set[str] = set()
         self.out = out
         self.write_images = write_images
@@ -168,6 +169,9 @@ class ModelEvaluation:
             method = METHODS[name]
             if method.sampling is not None:
                 sampling = dataclasses.replace(model.config.sampling, **method.sampling)
+                if sampling == model.config.sampling:  # nothing to take out (e.g. a loop without re-warps):
+                    self.same_as_model.add(name)  # the same loop from the same noise: the model's numbers
+                    continue
                 outputs[name] = translate(model, condition, exemplar, sampling=sampling,
                                           generator=generator()).image  # fmt: skip
         if "exemplar_copy" in self.methods:
@@ -269,4 +273,9 @@ class ModelEvaluation:
                 progress(len(pending))
 
     def results(self) -> dict[str, dict[str, Any]]:
-        return {name: suite.result() for name, suite in self.suites.items()}
+        model = self.suites["model"].result()
+        results = {}
+        for name, suite in self.suites.items():
+            same = name == "model" or name in self.same_as_model
+            results[name] = dict(model) if same else suite.result()
+        return results

@@ -196,10 +196,11 @@ def evaluate_model(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     notes: Sequence[str] = (),
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Evaluate a MIDMs model on a prepared split (see the module docstring); returns
     {"results", "protocol", "out_dir"}. `networks` overrides the metric networks (tests);
-    `notes` are printed at the top of the report.
+    `notes` are printed at the top of the report; `model`: the file's model, already loaded.
 
     results: {"seeds": [...], "methods": {method: {metric: mean}}, "sd": {method: {metric: sd}},
     "per_seed": [{"seed": s, "methods": {...}}, ...]}; without baselines the only method is "model".
@@ -239,7 +240,7 @@ def evaluate_model(
         raise MidmsError("no metric can run: add the weights named above, or ask for --metrics swd")
     hashes = weights_hashes(metric_weights(chosen, networks))
     model_file = resolve_model_file(model_path)
-    model = load_midm(model_file, device=options.device)
+    model = model if model is not None else load_midm(model_file, device=options.device)
     methods = methods_for(baselines, has_oracle)
 
     # Translate every pair with every method, once per noise seed, and accumulate the metrics.

@@ -21,7 +21,7 @@ from midms_cli.conditions.celebahq import CELEBAHQ_PARTS
 from midms_cli.conditions.io import load_condition, resize_condition
 from midms_cli.errors import MidmsError
 from midms_cli.extractors import EXTRACTORS, get_extractor
-from midms_cli.images import array_to_tensor, open_image, resize_pil, to_rgb_array
+from midms_cli.images import array_to_tensor, open_image, open_lazily, resize_pil, to_rgb_array
 from midms_cli.models.midm import MIDM
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -138,7 +138,7 @@ def check_condition_image(path: Path, kind: str) -> None:
     loader's own check, which names them.
     """
     try:
-        with Image.open(path) as handle:
+        with open_lazily(path) as handle:  # the pixel limit is checked before anything is decoded
             mode = handle.mode
             rgb = to_rgb_array(handle) if kind == "canny" else None
             labels = np.asarray(handle) if kind in LABEL_RANGES and mode in _LABEL_MODES else None
@@ -187,7 +187,7 @@ def load_condition_file(
         )
     if suffix == ".png" and kind != "openpose":
         check_condition_image(path, kind)
-        with Image.open(path) as handle:
+        with open_lazily(path) as handle:
             width, height = handle.size
         _fit_notice(path, height, width, fit, notice)
         if width == height or fit == "squash":

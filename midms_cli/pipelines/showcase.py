@@ -30,7 +30,7 @@ GRID_CAPTIONS = ("condition", "exemplar", "output", "oracle")
 class ShowcaseOptions:
     out: Path
     model: Path | None = None  # None: the bundled model
-    pairs: int = 64  # evaluated pairs
+    pairs: int = 48  # evaluated pairs
     grid: int = 6  # pairs drawn in the grid
     seed: int = 0  # data generation (the val split of this seed) and noise
     seeds: int = 1  # noise seeds of the evaluation
@@ -109,7 +109,7 @@ def run_showcase(options: ShowcaseOptions) -> dict[str, Any]:
     evaluation = evaluate_model(
         model_file, data, "val", out / "eval", chosen, options.pairs, options.seed, True,
         seeds=options.seeds, diversity=0, batch_size=16, device=device, report=options.log,
-        progress=options.progress,
+        progress=options.progress, model=model,
     )  # fmt: skip
     summary = {
         "out": str(out),
