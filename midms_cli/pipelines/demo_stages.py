@@ -208,26 +208,15 @@ def held_out_samples(out: Path, count: int) -> list[dict[str, Any]]:
     return samples
 
 
-@torch.no_grad()
 def stage_translate(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     """The first `grid` held-out pairs: condition | exemplar | output | oracle, captioned."""
-    from midms_cli.grids import condition_picture, save_labelled_grid
-    from midms_cli.sampler import translate
+    from midms_cli.pipelines.showcase import translation_grid
 
-    model = _exported_model(options)
-    device = next(model.parameters()).device
     samples = held_out_samples(options.out, options.profile.grid)
-    generator = torch.Generator(device=device).manual_seed(options.seed)
-    def stack(name: str) -> torch.Tensor:
-        return torch.stack([s[name] for s in samples]).to(device)
-
-    result = translate(model, stack("cond"), stack("ref"), stack("ref_cond"), generator=generator)
-    rows = [[condition_picture(s["cond"]), s["ref"], output.cpu(), s["oracle"]]
-            for s, output in zip(samples, result.image, strict=True)]  # fmt: skip
     path = options.out / "grid.png"
-    title = f"{options.profile.name} profile" + (": a few steps per stage, expect noise" if
-                                                 options.profile.name == "quick" else "")  # fmt: skip
-    save_labelled_grid(path, rows, ("condition", "exemplar", "output", "oracle"), title=title)
+    quick = options.profile.name == "quick"
+    title = f"{options.profile.name} profile" + (": a few steps per stage, expect noise" if quick else "")
+    translation_grid(_exported_model(options), samples, path, options.seed, title)
     return {"pairs": len(samples)}, {"grid": str(path)}
 
 

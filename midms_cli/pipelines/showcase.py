@@ -67,24 +67,34 @@ def prepare_pairs(out: Path, model: Any, options: ShowcaseOptions) -> Path:
 
 
 @torch.no_grad()
-def draw_grid(model: Any, data: Path, path: Path, options: ShowcaseOptions, device: torch.device) -> None:
-    from midms_cli.data.shards import iterate_samples
+def translation_grid(
+    model: Any, samples: list[dict[str, Any]], path: Path, seed: int, title: str = ""
+) -> None:
+    """Translate each sample's own pair; write the captioned grid (condition | exemplar | output | oracle)."""
     from midms_cli.grids import condition_picture, save_labelled_grid
     from midms_cli.sampler import translate
 
-    samples = []
-    for sample in iterate_samples(data, "val", strict=True):
-        samples.append(sample)
-        if len(samples) == options.grid:
-            break
-    generator = torch.Generator(device=device).manual_seed(options.seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+
     def stack(name: str) -> torch.Tensor:
         return torch.stack([s[name] for s in samples]).to(device)
 
     result = translate(model, stack("cond"), stack("ref"), stack("ref_cond"), generator=generator)
     rows = [[condition_picture(s["cond"]), s["ref"], output.cpu(), s["oracle"]]
             for s, output in zip(samples, result.image, strict=True)]  # fmt: skip
-    save_labelled_grid(path, rows, GRID_CAPTIONS)
+    save_labelled_grid(path, rows, GRID_CAPTIONS, title=title)
+
+
+def draw_grid(model: Any, data: Path, path: Path, options: ShowcaseOptions) -> None:
+    from midms_cli.data.shards import iterate_samples
+
+    samples = []
+    for sample in iterate_samples(data, "val", strict=True):
+        samples.append(sample)
+        if len(samples) == options.grid:
+            break
+    translation_grid(model, samples, path, options.seed)
 
 
 def run_showcase(options: ShowcaseOptions) -> dict[str, Any]:
@@ -104,7 +114,7 @@ def run_showcase(options: ShowcaseOptions) -> dict[str, Any]:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_pairs(out, model, options)
-    draw_grid(model, data, out / "grid.png", options, device)
+    draw_grid(model, data, out / "grid.png", options)
     chosen = select_metrics(None, has_oracle=True, report=options.log)
     evaluation = evaluate_model(
         model_file, data, "val", out / "eval", chosen, options.pairs, options.seed, True,
