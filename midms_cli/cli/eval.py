@@ -195,30 +195,42 @@ def eval_command(
     if data is None:
         raise MidmsError("give --data DIR (prepared shards) to evaluate a model, or --real DIR --fake DIR")
     check_model_and_split(model, data, split)
+    from midms_cli import distributed
     from midms_cli.pipelines.evaluate import evaluate_model
+    from midms_cli.pipelines.translate_parallel import rank_device
 
-    with progress_bar(
-        TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
-    ) as progress:
-        task = progress.add_task("eval", total=None)
-        outcome = evaluate_model(
-            model,
-            data,
-            split,
-            out or Path("eval"),
-            chosen,
-            limit,
-            seed,
-            baselines,
-            seeds=seeds,
-            pairs_path=pairs,
-            diversity=diversity,
-            batch_size=batch_size,
-            device=device,
-            report=_report_line,
-            progress=lambda n: progress.advance(task, n),
-            on_start=lambda total: progress.update(task, total=total),
-        )
+    # Under torchrun (WORLD_SIZE > 1) the processes share the batches; the main one reports.
+    parallel = distributed.init()
+    if parallel:
+        device = rank_device(STATE.device)
+    try:
+        with progress_bar(
+            TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            transient=True, disable=not distributed.is_main(),
+        ) as progress:  # fmt: skip
+            task = progress.add_task("eval", total=None)
+            outcome = evaluate_model(
+                model,
+                data,
+                split,
+                out or Path("eval"),
+                chosen,
+                limit,
+                seed,
+                baselines,
+                seeds=seeds,
+                pairs_path=pairs,
+                diversity=diversity,
+                batch_size=batch_size,
+                device=device,
+                report=_report_line if distributed.is_main() else lambda line: None,
+                progress=lambda n: progress.advance(task, n),
+                on_start=lambda total: progress.update(task, total=total),
+            )
+    finally:
+        distributed.cleanup()
+    if outcome["results"] is None:  # another process of a data-parallel run reports
+        return
     emit(outcome, _table(outcome["results"]))
     if not STATE.json:
         err_console.print(

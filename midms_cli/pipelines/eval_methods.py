@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from midms_cli import distributed
 from midms_cli.images import save_png, to_uint8
 from midms_cli.metrics.protocol import Pair
 from midms_cli.metrics.suite import CachedSet, MetricSuite
@@ -57,9 +58,9 @@ class Job:
     exemplar: dict[str, Any]  # the sample whose stored exemplar is used
 
 
-def quantise(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images rounded to the 8-bit grid as `save_png` stores them."""
-    return to_uint8(images).float() / 127.5 - 1
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images back to [-1, 1] floats on the 8-bit grid (the inverse of `to_uint8` there)."""
+    return images.float() / 127.5 - 1
 
 
 def file_stem(key: str) -> str:
@@ -95,6 +96,17 @@ def methods_for(baselines: bool, has_oracle: bool) -> list[str]:
     if not baselines:
         return ["model"]
     return [name for name in METHODS if has_oracle or name != "ceiling"]
+
+
+def _batches(jobs: Iterator[Job], size: int) -> Iterator[list[Job]]:
+    batch: list[Job] = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class ModelEvaluation:
@@ -137,10 +149,17 @@ class ModelEvaluation:
             self.suites[name] = MetricSuite(metrics, self.size, device, seed, parts, networks=shared,
                                             references_from=first, label_names=labels)  # fmt: skip
         self.rows: list[dict[str, str | None]] = []
-        self.same_as_model: set[str] = set()  # ablations that take nothing out of this model's sampler
+        # Ablations that take nothing out of this model's sampler (e.g. no re-warps from a loop without
+        # any): the same loop from the same noise, so they are given the model's numbers, not rerun.
+        self.same_as_model = {
+            name for name in methods
+            if METHODS[name].sampling is not None
+            and dataclasses.replace(model.config.sampling, **METHODS[name].sampling) == model.config.sampling
+        }  # fmt: skip
         self.written: set[str] = set()
         self.out = out
         self.write_images = write_images
+        self.batches_done = 0
 
     # Every method's images for one batch.
 
@@ -167,11 +186,8 @@ class ModelEvaluation:
             outputs["initial_warp"] = model.decode(result.initial_warp).clamp(-1, 1)
         for name in self.methods:
             method = METHODS[name]
-            if method.sampling is not None:
+            if method.sampling is not None and name not in self.same_as_model:
                 sampling = dataclasses.replace(model.config.sampling, **method.sampling)
-                if sampling == model.config.sampling:  # nothing to take out (e.g. a loop without re-warps):
-                    self.same_as_model.add(name)  # the same loop from the same noise: the model's numbers
-                    continue
                 outputs[name] = translate(model, condition, exemplar, sampling=sampling,
                                           generator=generator()).image  # fmt: skip
         if "exemplar_copy" in self.methods:
@@ -181,8 +197,9 @@ class ModelEvaluation:
         if "ceiling" in self.methods and all("oracle" in job.condition for job in jobs):
             oracle = torch.stack([job.condition["oracle"] for job in jobs]).to(device)
             outputs["ceiling"] = model.decode(model.encode(oracle)).clamp(-1, 1)
-        # Score exactly what the PNGs hold: the 8-bit grid.
-        return {name: quantise(images.cpu()) for name, images in outputs.items()}
+        # Score exactly what the PNGs hold: the 8-bit grid (uint8 here, which is also what travels
+        # between the processes of a data-parallel evaluation).
+        return {name: to_uint8(images.cpu()) for name, images in outputs.items()}
 
     # Images and report rows (first seed only).
 
@@ -211,8 +228,9 @@ class ModelEvaluation:
             row["oracle"] = self._write("oracle", condition, job.condition["oracle"])
         return row
 
-    def _batch(self, jobs: list[Job], number: int) -> None:
-        outputs = self._outputs(jobs, number)
+    def _batch(self, jobs: list[Job], packed: dict[str, torch.Tensor]) -> None:
+        """Write and score one batch's outputs (uint8, as `_outputs` gives them)."""
+        outputs = {name: from_uint8(images) for name, images in packed.items()}
         if self.write_images:
             for i, job in enumerate(jobs):
                 name = f"{file_stem(job.pair.condition)}__{file_stem(job.pair.exemplar)}"
@@ -257,20 +275,34 @@ class ModelEvaluation:
         )
 
     def run(self, jobs: Iterator[Job], progress: Callable[[int], None] | None) -> None:
-        pending: list[Job] = []
-        number = 0
-        for job in jobs:
-            pending.append(job)
-            if len(pending) == self.batch_size:
-                self._batch(pending, number)
-                number += 1
-                if progress:
-                    progress(len(pending))
-                pending = []
-        if pending:
-            self._batch(pending, number)
+        """Translate and score every job, in batches numbered in order (the noise follows the number).
+
+        Under torchrun the batches go round the processes: in each round of `world` batches, process
+        k translates batch k of the round; the main process gathers the round's outputs and scores
+        them in batch order, so every number equals the one-process evaluation's. Only the main
+        process writes images and accumulates metrics.
+        """
+        world, rank = distributed.world_size(), distributed.rank()
+        round_: list[list[Job]] = []
+        for batch in _batches(jobs, self.batch_size):
+            round_.append(batch)
+            if len(round_) == world:
+                self._round(round_, rank, progress)
+                round_ = []
+        if round_:
+            self._round(round_, rank, progress)
+
+    def _round(self, batches: list[list[Job]], rank: int, progress: Callable[[int], None] | None) -> None:
+        first = self.batches_done
+        self.batches_done += len(batches)
+        mine = self._outputs(batches[rank], first + rank) if rank < len(batches) else None
+        gathered = distributed.gather_to_main(mine)
+        if gathered is None:  # not the main process
+            return
+        for jobs, packed in zip(batches, gathered, strict=False):
+            self._batch(jobs, packed)
             if progress:
-                progress(len(pending))
+                progress(len(jobs))
 
     def results(self) -> dict[str, dict[str, Any]]:
         model = self.suites["model"].result()

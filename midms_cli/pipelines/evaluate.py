@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from midms_cli import distributed
 from midms_cli.atomic import write_text
 from midms_cli.errors import MidmsError
 from midms_cli.metrics import select_metrics
@@ -204,6 +205,8 @@ def evaluate_model(
 
     results: {"seeds": [...], "methods": {method: {metric: mean}}, "sd": {method: {metric: sd}},
     "per_seed": [{"seed": s, "methods": {...}}, ...]}; without baselines the only method is "model".
+    Under torchrun (a process group joined) the batches are shared among the processes and the main
+    process writes and returns what one process would; the others return results None.
     """
     from midms_cli.data.shards import read_index
     from midms_cli.pipelines.translate import load_midm, resolve_model_file
@@ -256,8 +259,11 @@ def evaluate_model(
             device=options.device, out=out, networks=networks, cache=cache, write_images=number == 0,
         )  # fmt: skip
         evaluation.run(_jobs(root, split, pairs), progress)
-        per_seed.append(evaluation.results())
-        rows = rows or evaluation.rows
+        if distributed.is_main():  # under torchrun the main process holds every metric statistic
+            per_seed.append(evaluation.results())
+            rows = rows or evaluation.rows
+    if not distributed.is_main():
+        return {"results": None, "protocol": None, "out_dir": str(out)}
     means, spreads = summarise_seeds(per_seed)
     results: dict[str, Any] = {
         "seeds": seed_list,
