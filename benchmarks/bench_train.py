@@ -74,7 +74,8 @@ def child(args: argparse.Namespace) -> dict:
     from midms_cli.models.feature_net import build_feature_net
     from midms_cli.models.midm import MIDM
     from midms_cli.models.vgg import VGG19Features
-    from midms_cli.pipelines.train import MIDMsObjective, parameter_groups
+    from midms_cli.pipelines.objective import MIDMsObjective
+    from midms_cli.pipelines.train import parameter_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

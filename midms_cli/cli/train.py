@@ -36,7 +36,10 @@ from midms_cli.errors import MidmsError
 # warmup | train (defaults from the preset's or config's training block)
 ConfigFile = Annotated[
     Path | None,
-    typer.Option("--config", help="A full config JSON instead of --preset.", rich_help_panel=RUN),
+    typer.Option(
+        "--config", help="A full config JSON (or a model file's stored config) instead of --preset.",
+        rich_help_panel=RUN,
+    ),
 ]
 BatchSize = Annotated[
     int | None, typer.Option("--batch-size", min=1, help="Batch per process.", rich_help_panel=OPT)
@@ -90,11 +93,20 @@ def _training_config(preset_name: str, config_file: Path | None, overrides: dict
 
 
 def _read_config_file(path: Path) -> ModelConfig:
-    """A config JSON given with --config (a run directory's config.json is accepted as it is)."""
+    """A config JSON given with --config (a run directory's config.json is accepted as it is), or a
+    midms model file (.safetensors), whose stored config is used."""
     if not path.exists():
         raise MidmsError(f"--config {path}: config file not found")
     if path.is_dir():
         raise MidmsError(f"--config {path} is a folder; give a config JSON file")
+    if path.suffix == ".safetensors":
+        from midms_cli.checkpoint import read_metadata
+        from midms_cli.pipelines.translate import MODEL_KIND
+
+        stored = read_metadata(path, expected_kind=MODEL_KIND).get("config")
+        if not isinstance(stored, dict):
+            raise MidmsError(f"--config {path} is a model file without a stored config")
+        return ModelConfig.from_dict(stored)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
@@ -120,15 +132,19 @@ def _dry_run(model: ModelConfig, phase: str, data: Path, extra: dict[str, Any]) 
 
 def warmup_command(
     data: Data,
-    base: Annotated[
-        Path,
-        typer.Option(
-            "--base",
-            help="LDM file (midms weights import-ldm) or pretrain diffusion run.",
-            rich_help_panel=RUN,
-        ),
-    ],
     out: Out,
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="LDM file (midms weights import-ldm) or pretrain diffusion run.",
+        rich_help_panel=RUN,
+    ),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="Instead of --base: a midms model file or run whose correspondence networks are trained on.",
+        rich_help_panel=RUN,
+    ),
     preset_name: Preset = "tiny",
     config_file: ConfigFile = None,
     iters: int | None = typer.Option(
@@ -153,7 +169,15 @@ def warmup_command(
     """Warm up the correspondence networks with the diffusion UNet frozen (the paper's first phase).
 
     Example: midms warmup --data shards/synth --base runs/ldm --out runs/warm --iters 200
+
+    Example: midms warmup --data shards/mine --init model.safetensors --config model.safetensors
+    --out runs/warm2
     """
+    if (base is None) == (init is None):
+        raise MidmsError(
+            "warmup needs exactly one of --base (an LDM file or pretrain run: new correspondence networks) "
+            "and --init (a midms model or run: continue its correspondence networks)"
+        )
     overrides = {
         "warmup_iters": iters,
         "warmup_epochs": epochs,
@@ -167,11 +191,12 @@ def warmup_command(
     }
     model = _training_config(preset_name, config_file, overrides)
     if dry_run:
-        _dry_run(model, "warmup", data, {"base": str(base)})
+        source = {"base": str(base) if base else None, "init": str(init) if init else None}
+        _dry_run(model, "warmup", data, source)
         return
     from midms_cli.pipelines import train as pipeline
 
-    run_training("warm-up", pipeline.warmup, data, out, workers, trace, model, base)
+    run_training("warm-up", pipeline.warmup, data, out, workers, trace, model, base=base, init=init)
 
 
 def train_command(

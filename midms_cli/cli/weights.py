@@ -107,9 +107,10 @@ def path(name: str = typer.Argument(..., help=f"Artefact name: {NAMES}.")) -> No
 
 
 def register(app: typer.Typer) -> None:
-    from midms_cli.cli import export_ldm, import_ldm, import_midms
+    from midms_cli.cli import export_ldm, export_model, import_ldm, import_midms
 
     import_ldm.register(weights_app)
     import_midms.register(weights_app)
+    export_model.register(weights_app)
     export_ldm.register(weights_app)
     app.add_typer(weights_app, name="weights")

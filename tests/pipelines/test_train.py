@@ -15,6 +15,7 @@ from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.feature_net import FirstStageFeatures
 from midms_cli.models.midm import MIDM
 from midms_cli.models.unet import UNetModel
+from midms_cli.pipelines import objective
 from midms_cli.pipelines import train as pipeline
 from midms_cli.pipelines.loop import seed_everything
 from midms_cli.pipelines.pretrain import ldm_config
@@ -75,8 +76,8 @@ def _model(base: Path) -> MIDM:
     return pipeline.model_from_base(tiny32(), base)
 
 
-def _objective(model: MIDM, phase: str) -> pipeline.MIDMsObjective:
-    return pipeline.MIDMsObjective(model, FirstStageFeatures(model.first_stage), phase)
+def _objective(model: MIDM, phase: str) -> objective.MIDMsObjective:
+    return objective.MIDMsObjective(model, FirstStageFeatures(model.first_stage), phase)
 
 
 def _has_grad(module: torch.nn.Module) -> bool:
@@ -137,7 +138,7 @@ def _constant_losses(monkeypatch) -> list[str]:
              "perceptual_loss", "contextual_style_loss", "diffusion_loss_x0", "diffusion_loss_eps",
              "self_warp_reconstruction_loss", "warped_segmentation_loss")
     for name in names:
-        monkeypatch.setattr(pipeline.losses, name,
+        monkeypatch.setattr(objective.losses, name,
                             lambda *args, name=name, **kwargs: (called.append(name), torch.tensor(1.0))[1])
     return called
 
@@ -176,7 +177,7 @@ def test_diffusion_branch_noises_one_grid_point_earlier_than_it_queries(
     config.sampling.interleaved_steps = 4
     model = MIDM(config)
     seen = {}
-    original_q = pipeline.q_sample
+    original_q = objective.q_sample
 
     def q_sample(x0, t, noise, table):
         seen.update(noised=int(t), noise=noise, a_noise=float(table[t]))
@@ -186,10 +187,10 @@ def test_diffusion_branch_noises_one_grid_point_earlier_than_it_queries(
         seen["queried"] = int(t)
         return torch.zeros_like(x)  # a UNet that predicts no noise
 
-    monkeypatch.setattr(pipeline, "q_sample", q_sample)
+    monkeypatch.setattr(objective, "q_sample", q_sample)
     monkeypatch.setattr(model, "eps", eps)
     z = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    loss = pipeline.diffusion_branch(model, z, position, "x0")
+    loss = objective.diffusion_branch(model, z, position, "x0")
     assert (seen["noised"], seen["queried"]) == (noised, queried)
     # x0-space (official): with ε̂ = 0, x̂0 = z_t / sqrt(ᾱ_queried),
     # where z_t = sqrt(ᾱ_noised) z + sqrt(1 - ᾱ_noised) ε.
@@ -197,7 +198,7 @@ def test_diffusion_branch_noises_one_grid_point_earlier_than_it_queries(
     z_t = seen["a_noise"] ** 0.5 * z + (1 - seen["a_noise"]) ** 0.5 * seen["noise"]
     assert loss.item() == pytest.approx(float(((z_t / a_q**0.5 - z) ** 2).mean()), rel=1e-9)
     # ε-space (the paper's Eq. 17): MSE(0, ε).
-    eps_loss = pipeline.diffusion_branch(model, z, position, "eps")
+    eps_loss = objective.diffusion_branch(model, z, position, "eps")
     assert eps_loss.item() == pytest.approx(float((seen["noise"] ** 2).mean()), rel=1e-9)
 
 
@@ -236,7 +237,7 @@ def _oracle_error(model: MIDM, batch: dict) -> float:
     """L1 between the initial warp R0 and the latent of the oracle (condition geometry, exemplar looks)."""
     model.eval()
     with torch.no_grad():
-        warped = pipeline.initial_matches(model, batch).warped
+        warped = objective.initial_matches(model, batch).warped
         return float((warped - model.encode(batch["oracle"])).abs().mean())
 
 
@@ -432,3 +433,45 @@ def test_activation_checkpointing_gives_the_same_gradients(base, batch, monkeypa
     assert calls  # the second pass really recomputed blocks
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_warmup_cli_continues_a_models_correspondence_with_its_stored_config(shards, base, tmp_path):
+    """`midms warmup --init MODEL --config MODEL`: the model's own config (sampler included), its
+    correspondence weights trained further, its UNet and first stage unchanged."""
+    from typer.testing import CliRunner
+
+    from midms_cli.cli.app import app
+
+    first = tmp_path / "first"
+    config = tiny32(warmup_iters=2, batch_size=4)
+    config.sampling.tau = 0.037  # not the preset's: must come from the model file
+    pipeline.warmup(shards, first, config, base, progress=False)
+    model_file = first / "model.safetensors"
+    out = tmp_path / "again"
+    args = ["warmup", "--data", str(shards), "--init", str(model_file), "--config", str(model_file),
+            "--out", str(out), "--iters", "2", "--lr", "0.002"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["sampling"]["tau"] == 0.037 and stored["training"]["lr_correspondence"] == 0.002
+    assert stored["run"]["init"] == str(model_file) and stored["run"]["base"] is None
+    before, after = load_checkpoint(model_file), load_checkpoint(out / "model.safetensors")
+    for prefix in ("unet", "first_stage"):
+        for name, tensor in module_state(before, prefix).items():
+            assert torch.equal(module_state(after, prefix)[name], tensor), f"{prefix}.{name} changed"
+    moved = [name for name, tensor in module_state(before, "correspondence").items()
+             if not torch.equal(module_state(after, "correspondence")[name], tensor)]
+    assert moved, "the correspondence networks were not trained"
+
+
+@pytest.mark.parametrize("extra", [[], ["--base", "BASE", "--init", "BASE"]])
+def test_warmup_cli_needs_exactly_one_of_base_and_init(shards, base, tmp_path, capsys, extra):
+    from midms_cli.cli.app import main
+
+    args = ["warmup", "--data", str(shards), "--out", str(tmp_path / "w"),
+            *[str(base) if a == "BASE" else a for a in extra]]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "exactly one of --base" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
