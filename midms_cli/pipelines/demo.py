@@ -73,7 +73,7 @@ PROFILES: dict[str, DemoProfile] = {
                     30, 40, 10, 4, batch_size=4, grid=3),
         DemoProfile("full", "the demo (about 10 minutes on 2 CPU cores)", 1024, 100,
                     1500, 800, 100, 30),
-        DemoProfile("bundle", "the bundled model midms-tiny (longer training)", 4096, 200,
+        DemoProfile("bundle", "the first part of the bundled model midms-tiny (longer training)", 4096, 200,
                     3000, 8000, 1500, 120, unet={"model_channels": 64}, eval_seeds=3,
                     sampler={"refine": "none", "tau": 0.02, "ddim_steps": 32},
                     # On 64 tuning pairs (val split of seed 7) the trained re-warps cost 0.8 dB oracle
