@@ -74,3 +74,17 @@ def test_more_processes_than_batches_leave_the_extra_ones_idle(setup, tmp_path):
     three = _evaluate(setup, tmp_path / "three", 3, 8)  # 2 batches over 3 processes
     assert three["results"] == one["results"]
     assert _files(tmp_path / "three") == _files(tmp_path / "one")
+
+
+def test_folder_mode_under_torchrun_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    from midms_cli.cli.app import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--real", str(tmp_path / "a"), "--fake", str(tmp_path / "b"),
+              "-o", str(tmp_path / "e")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "runs in one process" in err and len(err.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ The metric choices and their help come from the registry `midms_cli.metrics.METR
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,8 @@ def eval_command(
             raise MidmsError("folder mode needs both --real DIR and --fake DIR")
         if model is not None or data is not None:
             raise MidmsError("use either --model/--data or --real/--fake, not both")
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            raise MidmsError("folder mode (--real/--fake) runs in one process; run it without torchrun")
         from midms_cli.pipelines.evaluate import evaluate_folders
 
         outcome = evaluate_folders(
