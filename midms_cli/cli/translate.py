@@ -168,6 +168,7 @@ def translate_command(
 
     from midms_cli import distributed
     from midms_cli.devices import resolve_device
+    from midms_cli.memory import map_large_blocks
     from midms_cli.pipelines.translate import (
         TranslateOptions,
         describe_sampler,
@@ -183,6 +184,7 @@ def translate_command(
     parallel = distributed.init()
     device = rank_device(STATE.device) if parallel else resolve_device(STATE.device)
     model_file = resolve_model_file(model)
+    map_large_blocks()  # before the weights and activations are allocated
     midm = load_midm(model_file, device, precision)
     sampling = sampling_settings(midm, variant=variant, steps=steps, noise_level=noise_level, refine=refine)
     pretrained_unet = None
