@@ -34,7 +34,8 @@ def randomized(module: torch.nn.Module, layout: torch.memory_format) -> torch.nn
 
 
 def small_config() -> AutoencoderConfig:
-    return AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64)
+    return AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
+                             resolution=64)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
