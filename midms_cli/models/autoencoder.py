@@ -13,10 +13,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from midms_cli.config import AutoencoderConfig
+from midms_cli.models import strips
 
 # The legacy VectorQuantizer2 of taming-transformers, used by every LDM VQ model, weighs the
 # codebook term by beta and leaves the commitment term unweighted (the reverse of VQ-VAE's paper).
 VQ_BETA = 0.25
+# Entries of the attention weights formed at once by AttnBlock (8 MB of float32).
+ATTENTION_ELEMENTS = 2**21
+# Entries of the pixel-to-code distance table formed at once by nearest_codes (4 MB of float32).
+CODE_SEARCH_ELEMENTS = 2**20
+
+# Bytes of one strip of input at inference (models/strips.py): small against a 256 px activation
+# (32-64 MB), large enough that a strip is several rows and the per-call overhead stays small.
+STRIP_BYTES = 2**20
 
 
 def swish(x: Tensor) -> Tensor:
@@ -34,6 +43,12 @@ def fresh_swish(x: Tensor) -> Tensor:
 def param_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a module computes in: that of its parameters (float32 unless converted)."""
     return next(module.parameters()).dtype
+
+
+def in_strips(module: nn.Module) -> bool:
+    """Whether a first-stage network runs its large layers in strips now: at inference (eval mode,
+    no gradient) with a strip size set; the values are those of the whole-tensor path."""
+    return module.strip_bytes is not None and not module.training and not torch.is_grad_enabled()
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -80,7 +95,10 @@ class AttnBlock(nn.Module):
         # (B, 1, HW, C): one head attending over all pixels, softmax(q·k / √C)·v.
         q, k, v = (conv(normed).reshape(b, 1, c, h * w).transpose(-1, -2)
                    for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        # A few query rows at a time: at 64x64 the (HW, HW) weights are 64 MB and torch's kernel for
+        # these strided views holds two such tables. Every row's weights are the same in any chunk.
+        rows = max(1, ATTENTION_ELEMENTS // (h * w))
+        out = torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(rows, dim=2)], dim=2)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -153,8 +171,11 @@ class Encoder(nn.Module):
         self.norm_out = group_norm(block_in)
         z_out = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels  # double_z: mean and log-variance
         self.conv_out = nn.Conv2d(block_in, z_out, 3, padding=1)
+        self.strip_bytes: int | None = STRIP_BYTES  # None: whole tensors at inference too
 
     def forward(self, x: Tensor) -> Tensor:
+        if in_strips(self):
+            return strips.encoder(self, x, self.strip_bytes)
         h = self.conv_in(x)
         for stage in self.down:
             for i, block in enumerate(stage.block):
@@ -197,6 +218,7 @@ class Decoder(nn.Module):
         # size, where each stored activation is tens of MB; recomputing them per block in the
         # backward pass gives the same gradients.
         self.activation_checkpointing = False
+        self.strip_bytes: int | None = STRIP_BYTES  # None: whole tensors at inference too
 
     def _run(self, module: nn.Module, h: Tensor) -> Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled() and h.requires_grad:
@@ -204,6 +226,8 @@ class Decoder(nn.Module):
         return module(h)
 
     def forward(self, z: Tensor) -> Tensor:
+        if in_strips(self):
+            return strips.decoder(self, z, self.strip_bytes)
         h = self._run(self.mid, self.conv_in(z))
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
@@ -216,12 +240,20 @@ class Decoder(nn.Module):
 
 
 def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
-    """Index of the nearest codebook vector (squared Euclidean) for every pixel of z (B, C, H, W)."""
+    """Index of the nearest codebook vector (squared Euclidean) for every pixel of z (B, C, H, W).
+
+    The distances are formed for CODE_SEARCH_ELEMENTS at a time: the whole (BHW, n_embed) table
+    of a 256 px VQ-f4 image is 128 MB, and the sum formula holds three such tables at once.
+    Each pixel's row is the same whichever chunk it falls in, and so is its argmin.
+    """
     flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (BHW, C)
-    distances = (
-        flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :] - 2.0 * flat @ codebook.t()
-    )
-    return distances.argmin(dim=1)
+    codebook_norms = codebook.pow(2).sum(1)[None, :]
+    pixels = max(1, CODE_SEARCH_ELEMENTS // codebook.shape[0])
+    codes = []
+    for part in flat.split(pixels):
+        distances = part.pow(2).sum(1, keepdim=True) + codebook_norms - 2.0 * part @ codebook.t()
+        codes.append(distances.argmin(dim=1))
+    return torch.cat(codes)
 
 
 def vector_quantize(z: Tensor, codebook: Tensor, beta: float = VQ_BETA) -> tuple[Tensor, Tensor]:
