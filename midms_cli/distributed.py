@@ -146,9 +146,16 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def cleanup() -> None:
-    """Leave the process group this module created (no-op otherwise)."""
+def cleanup(finished: bool = True) -> None:
+    """Leave the process group this module created (no-op otherwise).
+
+    finished: every process got here the normal way, so they wait for each other first (a process
+    that left while a peer was still finishing its last collective could make gloo abort that
+    peer). After an error, pass False: the others may never arrive, and torchrun stops them.
+    """
     global _owns_group
     if _owns_group and dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
     _owns_group = False

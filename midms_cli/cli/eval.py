@@ -230,8 +230,10 @@ def eval_command(
                 progress=lambda n: progress.advance(task, n),
                 on_start=lambda total: progress.update(task, total=total),
             )
-    finally:
-        distributed.cleanup()
+    except BaseException:
+        distributed.cleanup(finished=False)
+        raise
+    distributed.cleanup()
     if outcome["results"] is None:  # another process of a data-parallel run reports
         return
     emit(outcome, _table(outcome["results"]))

@@ -61,8 +61,10 @@ def process_group() -> Iterator[None]:
     """Leave the torchrun process group on the way out (success or error), so ranks exit cleanly."""
     try:
         yield
-    finally:
-        distributed.cleanup()
+    except BaseException:
+        distributed.cleanup(finished=False)
+        raise
+    distributed.cleanup()
 
 
 def emit_result(result: LoopResult, out: Path, what: str) -> None:

@@ -222,8 +222,10 @@ def translate_command(
         ) as bar:
             task = bar.add_task("translate", total=len(distributed.rank_share(len(jobs))))
             results = run(midm, jobs, options, progress=lambda done: bar.update(task, completed=done))
-    finally:
-        distributed.cleanup()
+    except BaseException:
+        distributed.cleanup(finished=False)
+        raise
+    distributed.cleanup()
     if results is None:  # another process of a data-parallel run reports
         return
     summary = {
