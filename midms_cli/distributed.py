@@ -18,6 +18,8 @@ from midms_cli.errors import MidmsError
 
 # Whether this module created the process group (so that `cleanup` only destroys its own).
 _owns_group = False
+# Whether this process ran in a process group of more than one (see `ended_process_group`).
+_ran_distributed = False
 
 
 def _env_int(name: str, default: int) -> int:
@@ -65,7 +67,8 @@ def init(backend: str | None = None, timeout_minutes: float = 30.0) -> bool:
         world_size=world,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
-    _owns_group = True
+    global _ran_distributed
+    _owns_group = _ran_distributed = True
     return True
 
 
@@ -144,6 +147,13 @@ def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def ended_process_group() -> bool:
+    """Whether this process ran in a torchrun process group (now left). Such a process should end
+    with `os._exit` once its output is flushed: gloo's threads can abort it (SIGABRT, "terminate
+    called without an active exception") while the interpreter tears down, after all work is done."""
+    return _ran_distributed
 
 
 def cleanup(finished: bool = True) -> None:

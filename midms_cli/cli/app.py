@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -103,6 +104,16 @@ def _usage_line(exc: UsageError) -> str:
     return f"{exc.format_message()} (see `{command} --help`)"
 
 
+def _end_distributed(code: int) -> None:
+    """A process of a finished torchrun run exits at once, its output flushed (see
+    `distributed.ended_process_group`); torch is only looked at if a command imported it."""
+    distributed = sys.modules.get("midms_cli.distributed")
+    if distributed is not None and distributed.ended_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     args = hoist_global_options(sys.argv[1:] if argv is None else list(argv))
@@ -111,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         # Not standalone: click's usage errors come here to be printed as one line; --help and
         # typer.Exit return their exit code.
         code = app(args=args, prog_name="midms", standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        _end_distributed(code)
+        sys.exit(code)
     except NoArgsIsHelpError as exc:  # a bare group: its help, as click prints it
         exc.show()
         sys.exit(exc.exit_code)
