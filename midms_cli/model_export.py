@@ -48,9 +48,10 @@ def parse_sampling(assignments: list[str]) -> dict[str, Any]:
 
 def export_model(
     source: Path, out: Path, *, half: bool = False, sampling: dict[str, Any] | None = None,
-    trained_by: str | None = None,
+    trained_by: str | None = None, extra_metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out` from the model file or run `source`; returns what was written."""
+    """Write `out` from the model file or run `source`; returns what was written.
+    `extra_metadata`: more metadata entries (e.g. the training demo's profile)."""
     from midms_cli.pipelines.translate import MODEL_KIND, load_midm, resolve_model_file
 
     path = resolve_model_file(source)
@@ -75,7 +76,7 @@ def export_model(
         extra["trained_by"] = trained_by
     elif "trained_by" in metadata:
         extra["trained_by"] = metadata["trained_by"]
-    save_modules(out, model.modules_to_save(), model.config, MODEL_KIND, extra)
+    save_modules(out, model.modules_to_save(), model.config, MODEL_KIND, {**extra, **(extra_metadata or {})})
     return {
         "model": str(out),
         "source": str(path),

@@ -5,15 +5,12 @@ Stages call the other pipelines' Python functions (never the CLI); `demo.run_sta
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from midms_cli.config import validate
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.demo import (
     BUNDLE_NAME,
@@ -183,12 +180,6 @@ def stage_train(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
     return _loop_numbers(result), {"run": str(out), "model": str(out / "model.safetensors")}
 
 
-def _trained_model(options: DemoOptions) -> Any:
-    from midms_cli.pipelines.translate import load_midm
-
-    return load_midm(run_dir(options.out, "train") / "model.safetensors", "cpu")
-
-
 def _exported_model(options: DemoOptions) -> Any:
     from midms_cli.devices import resolve_device
     from midms_cli.pipelines.translate import load_midm
@@ -287,24 +278,18 @@ def headline_numbers(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_export(options: DemoOptions) -> tuple[dict[str, Any], dict[str, str]]:
-    """The trained model as one inference file (float16 weights keep the bundled model small)."""
-    from midms_cli.checkpoint import save_modules
+    """The trained model as one inference file (float16 weights keep the bundled model small), with
+    the profile's sampler: the one it trained with unless the profile ships another."""
+    from midms_cli.model_export import export_model
 
-    model = _trained_model(options)  # trained with the profile's sampler, which it keeps ...
-    if options.profile.export_sampler:  # ... unless the profile ships another (chosen on tuning pairs)
-        sampling = dataclasses.replace(model.config.sampling, **options.profile.export_sampler)
-        model.config.sampling = sampling
-        validate(model.config)
-    if options.profile.half_precision_export:
-        model = copy.deepcopy(model).half()
     path = options.out / BUNDLE_NAME
-    save_modules(
+    export_model(
+        run_dir(options.out, "train") / "model.safetensors",
         path,
-        model.modules_to_save(),
-        model.config,
-        "midms",
-        {
-            "trained_by": command_line(),
+        half=options.profile.half_precision_export,
+        sampling=dict(options.profile.export_sampler),
+        trained_by=command_line(),
+        extra_metadata={
             "demo_profile": options.profile.name,
             "demo_seed": options.seed,
             "dataset": f"synthfaces variant={options.profile.variant} size={IMAGE_SIZE}",
