@@ -136,7 +136,8 @@ def warmup_command(
     base: Path | None = typer.Option(
         None,
         "--base",
-        help="LDM file (midms weights import-ldm) or pretrain diffusion run.",
+        help="LDM file (midms weights import-ldm), pretrain diffusion run, or midms model whose "
+        "first stage and UNet are kept (its correspondence networks are not).",
         rich_help_panel=RUN,
     ),
     init: Path | None = typer.Option(
@@ -175,7 +176,7 @@ def warmup_command(
     """
     if (base is None) == (init is None):
         raise MidmsError(
-            "warmup needs exactly one of --base (an LDM file or pretrain run: new correspondence networks) "
+            "warmup needs exactly one of --base (an LDM file, pretrain run or model: new correspondence networks) "
             "and --init (a midms model or run: continue its correspondence networks)"
         )
     overrides = {

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from midms_cli import distributed
-from midms_cli.checkpoint import load_checkpoint, module_state, save_modules
+from midms_cli.checkpoint import load_checkpoint, module_state, read_metadata, save_modules
 from midms_cli.config import ModelConfig, TrainingConfig
 from midms_cli.errors import MidmsError
 from midms_cli.ldm_import import load_ldm
@@ -145,8 +145,11 @@ def build_task(
 
 
 def model_from_base(model_config: ModelConfig, base: Path) -> MIDM:
-    """A MIDM whose first stage and UNet come from an `ldm` file (ours or imported) or a pretrain run."""
+    """A MIDM whose first stage and UNet come from an `ldm` file (ours or imported), a pretrain run,
+    or a midms model file or run (its correspondence networks are left out: they start afresh)."""
     path = resolve_model_file(base, "base diffusion model")
+    if read_metadata(path).get("kind") == MIDMS_KIND:
+        return _backbone_of_midms(model_config, path)
     configs, modules = load_ldm(path)
     if "unet" not in modules:
         raise MidmsError(
@@ -160,6 +163,18 @@ def model_from_base(model_config: ModelConfig, base: Path) -> MIDM:
     model = MIDM(ModelConfig.from_dict(model_config.to_dict()))
     model.first_stage.load_state_dict(modules["first_stage"].state_dict())
     model.unet.load_state_dict(modules["unet"].state_dict())
+    return model
+
+
+def _backbone_of_midms(model_config: ModelConfig, path: Path) -> MIDM:
+    """First stage and UNet (configs and weights) of a midms model file; new correspondence networks."""
+    ckpt = load_checkpoint(path, expected_kind=MIDMS_KIND)
+    stored = ModelConfig.from_dict(ckpt.metadata["config"])
+    for part in ("autoencoder", "unet", "diffusion"):
+        setattr(model_config, part, getattr(stored, part))
+    model = MIDM(ModelConfig.from_dict(model_config.to_dict()))
+    for prefix in ("first_stage", "unet"):
+        getattr(model, prefix).load_state_dict(module_state(ckpt, prefix))
     return model
 
 

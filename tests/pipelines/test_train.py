@@ -475,3 +475,21 @@ def test_warmup_cli_needs_exactly_one_of_base_and_init(shards, base, tmp_path, c
     assert info.value.code == 2
     assert "exactly one of --base" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_warmup_base_may_be_a_midms_model_whose_backbone_is_kept(shards, base, tmp_path):
+    """--base MODEL: the model's first stage and UNet, new correspondence networks of the config's
+    architecture (here wider than the model's own)."""
+    first = tmp_path / "first"
+    pipeline.warmup(shards, first, tiny32(warmup_iters=1, batch_size=4), base, progress=False)
+    model_file = first / "model.safetensors"
+    config = tiny32(warmup_iters=1, batch_size=4)
+    config.correspondence.channels = 48
+    out = tmp_path / "wider"
+    pipeline.warmup(shards, out, config, model_file, progress=False)
+    before, after = load_checkpoint(model_file), load_checkpoint(out / "model.safetensors")
+    for prefix in ("unet", "first_stage"):
+        for name, tensor in module_state(before, prefix).items():
+            assert torch.equal(module_state(after, prefix)[name], tensor), f"{prefix}.{name} changed"
+    assert module_state(after, "correspondence")["theta.weight"].shape[0] == 48
+    assert module_state(before, "correspondence")["theta.weight"].shape[0] != 48
