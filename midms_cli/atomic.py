@@ -200,23 +200,27 @@ def check_output_file(path: str | os.PathLike, option: str = "output", *, notice
     _check_writable_parent(path, option)
     exists = path.exists()
     if exists and notice:
-        import sys
-
-        sys.stderr.write(f"note: {path} exists and will be replaced\n")
-        sys.stderr.flush()
+        _notice(f"note: {path} exists and will be replaced")
     return exists
+
+
+def _notice(message: str) -> None:
+    """One line on stderr, from the first process only when torchrun started several (RANK)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    import sys
+
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def check_output_files(paths: list[Path], option: str = "output") -> int:
     """`check_output_file` for every path of a batch, with one notice for all the existing ones."""
     existing = [Path(p) for p in paths if check_output_file(p, option, notice=False)]
     if existing:
-        import sys
-
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         verb = "exist" if more else "exists"
-        sys.stderr.write(f"note: {existing[0]}{more} {verb} and will be replaced\n")
-        sys.stderr.flush()
+        _notice(f"note: {existing[0]}{more} {verb} and will be replaced")
     return len(existing)
 
 

@@ -146,3 +146,16 @@ def test_undo_on_failure_removes_what_the_block_added_unless_it_holds_a_resumabl
             (existing / "ckpt-00000001.safetensors").write_text("resumable")
             raise RuntimeError("late failure")
     assert (existing / "config.json").exists()  # kept: the run can resume
+
+
+def test_replacement_notice_comes_from_the_first_process_only(tmp_path, capsys, monkeypatch):
+    from midms_cli.atomic import check_output_file, check_output_files
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("RANK", "1")
+    assert check_output_file(tmp_path / "file") is True
+    assert check_output_files([tmp_path / "file"]) == 1
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert check_output_files([tmp_path / "file"]) == 1
+    assert capsys.readouterr().err == f"note: {tmp_path / 'file'} exists and will be replaced\n"
