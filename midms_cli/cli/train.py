@@ -176,8 +176,8 @@ def warmup_command(
     """
     if (base is None) == (init is None):
         raise MidmsError(
-            "warmup needs exactly one of --base (an LDM file, pretrain run or model: new correspondence networks) "
-            "and --init (a midms model or run: continue its correspondence networks)"
+            "warmup needs exactly one of --base (an LDM file, pretrain run or model: new correspondence "
+            "networks) and --init (a midms model or run: continue its correspondence networks)"
         )
     overrides = {
         "warmup_iters": iters,

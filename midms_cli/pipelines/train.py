@@ -168,26 +168,33 @@ def model_from_base(model_config: ModelConfig, base: Path) -> MIDM:
 
 def _backbone_of_midms(model_config: ModelConfig, path: Path) -> MIDM:
     """First stage and UNet (configs and weights) of a midms model file; new correspondence networks."""
-    ckpt = load_checkpoint(path, expected_kind=MIDMS_KIND)
-    stored = ModelConfig.from_dict(ckpt.metadata["config"])
-    for part in ("autoencoder", "unet", "diffusion"):
-        setattr(model_config, part, getattr(stored, part))
-    model = MIDM(ModelConfig.from_dict(model_config.to_dict()))
-    for prefix in ("first_stage", "unet"):
-        getattr(model, prefix).load_state_dict(module_state(ckpt, prefix))
-    return model
+    return _from_midms_file(model_config, path, ("first_stage", "unet"))
 
 
 def model_from_midms(model_config: ModelConfig, init: Path) -> MIDM:
     """A MIDM initialised from a midms file or run (e.g. a warm-up); its architecture must match."""
     path = resolve_model_file(init, "--init model")
+    return _from_midms_file(model_config, path, ("first_stage", "unet", "correspondence"))
+
+
+# The config section that describes each saved module.
+_CONFIG_PARTS = {
+    "first_stage": ("autoencoder",),
+    "unet": ("unet", "diffusion"),
+    "correspondence": ("correspondence",),
+}
+
+
+def _from_midms_file(model_config: ModelConfig, path: Path, modules: tuple[str, ...]) -> MIDM:
+    """A MIDM whose `modules` (and their config sections) are those of the midms file at `path`."""
     ckpt = load_checkpoint(path, expected_kind=MIDMS_KIND)
     stored = ModelConfig.from_dict(ckpt.metadata["config"])
-    for part in ("autoencoder", "unet", "diffusion", "correspondence"):
-        setattr(model_config, part, getattr(stored, part))
+    for prefix in modules:
+        for part in _CONFIG_PARTS[prefix]:
+            setattr(model_config, part, getattr(stored, part))
     model = MIDM(ModelConfig.from_dict(model_config.to_dict()))
-    for prefix, module in model.modules_to_save().items():
-        module.load_state_dict(module_state(ckpt, prefix))
+    for prefix in modules:
+        model.modules_to_save()[prefix].load_state_dict(module_state(ckpt, prefix))
     return model
 
 
