@@ -46,8 +46,8 @@ def inputs(config, batch: int, distinct: bool, seed: int = 1):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from midms_cli.config import preset
     from midms_cli.models.midm import MIDM
+    from midms_cli.presets import preset
     from midms_cli.sampler import translate
 
     torch.set_num_threads(args.threads)

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info  # noqa: E402
 
-from midms_cli.config import preset  # noqa: E402
 from midms_cli.models.midm import MIDM  # noqa: E402
+from midms_cli.presets import preset  # noqa: E402
 
 
 def original_encoder_class(checkout: Path) -> type:

@@ -69,13 +69,13 @@ def parse_setting(setting: str) -> tuple[str, bool]:
 
 def child(args: argparse.Namespace) -> dict:
     """One setting in this process: build the objective as training does, run warm-up + timed steps."""
-    from midms_cli.config import preset
     from midms_cli.devices import autocast_dtype
     from midms_cli.models.feature_net import build_feature_net
     from midms_cli.models.midm import MIDM
     from midms_cli.models.vgg import VGG19Features
     from midms_cli.pipelines.objective import MIDMsObjective
     from midms_cli.pipelines.train import parameter_groups
+    from midms_cli.presets import preset
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

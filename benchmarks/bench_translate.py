@@ -68,8 +68,8 @@ def build_inputs(config, batch: int, seed: int):
 
 def child(args: argparse.Namespace) -> dict:
     """One precision in this process: build, warm up, count FLOPs, time, report."""
-    from midms_cli.config import preset
     from midms_cli.models.midm import MIDM
+    from midms_cli.presets import preset
     from midms_cli.sampler import translate
 
     torch.set_num_threads(args.threads)
@@ -158,10 +158,11 @@ def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
 
     from midms_cli.checkpoint import read_metadata
     from midms_cli.conditions.io import save_condition
-    from midms_cli.config import ModelConfig, preset
+    from midms_cli.config import ModelConfig
     from midms_cli.images import save_png
     from midms_cli.models.midm import MIDM
     from midms_cli.pipelines.translate import save_midm
+    from midms_cli.presets import preset
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,8 +206,8 @@ def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
 def paired_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
     """All precisions in one process, timed alternately for `--rounds` rounds (best kept): the ratios
     between precisions then share the machine's load, unlike runs in separate processes."""
-    from midms_cli.config import preset
     from midms_cli.models.midm import MIDM
+    from midms_cli.presets import preset
     from midms_cli.sampler import translate
 
     torch.set_num_threads(args.threads)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from midms_cli.config import PRESETS, ModelConfig, apply_sampling_variant, preset
+from midms_cli.config import ModelConfig, apply_sampling_variant
 from midms_cli.errors import ConfigError
+from midms_cli.presets import PRESETS, preset
 
 # The official values, copied from midms-spec.md (section in brackets), not from config.py.
 CELEBAHQ_AUTOENCODER = {  # [1.2] LDM VQ-f4

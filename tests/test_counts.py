@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from midms_cli.cli.app import app, main
 from midms_cli.conditions.io import save_condition
-from midms_cli.config import preset
 from midms_cli.images import save_png
 from midms_cli.models.autoencoder import Decoder, Encoder
 from midms_cli.models.correspondence import FeatureEncoder
 from midms_cli.models.midm import MIDM
 from midms_cli.models.unet import UNetModel
 from midms_cli.pipelines.translate import save_midm
+from midms_cli.presets import preset
 from midms_cli.sampler import translate
 
 OFFICIAL_UNET_CALLS = 4 + 20  # interleaved steps + refinement (spec 1.6, 1.11)

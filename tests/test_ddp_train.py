@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from midms_cli.checkpoint import save_modules
-from midms_cli.config import ModelConfig, preset
+from midms_cli.config import ModelConfig
 from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.unet import UNetModel
 from midms_cli.pipelines.pretrain import ldm_config
+from midms_cli.presets import preset
 
 SIZE = 32
 

@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from midms_cli.config import CorrespondenceConfig, preset
+from midms_cli.config import CorrespondenceConfig
 from midms_cli.data.registry import get_plugin
 from midms_cli.models.midm import MIDM
 from midms_cli.pipelines.prepare import PrepareConfig, prepare
 from midms_cli.pipelines.translate import save_midm
+from midms_cli.presets import preset
 
 
 @pytest.fixture(scope="module")

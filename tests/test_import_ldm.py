@@ -12,10 +12,10 @@ import yaml
 
 from midms_cli.checkpoint import load_checkpoint
 from midms_cli.cli.app import main
-from midms_cli.config import preset
 from midms_cli.ldm_import import LdmConfigs, build_modules, expected_shapes, ldm_configs, load_ldm
 from midms_cli.models import ldm_layout
 from midms_cli.models.ldm_layout import from_ldm_state_dict, to_ldm_state_dict
+from midms_cli.presets import preset
 
 DDCONFIG = {
     "double_z": False,

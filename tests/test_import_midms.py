@@ -21,11 +21,12 @@ from torch.nn.utils import spectral_norm as legacy_spectral_norm
 from midms_cli.checkpoint import save_modules
 from midms_cli.cli.app import main
 from midms_cli.cli.state import STATE
-from midms_cli.config import preset, to_dict
+from midms_cli.config import to_dict
 from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.ldm_layout import to_ldm_state_dict
 from midms_cli.models.unet import UNetModel
 from midms_cli.pipelines.translate import load_midm
+from midms_cli.presets import preset
 
 NC, LATENT, CH, STEM, HIDDEN, BLOCKS = 15, 3, 16, (8, 16, 24), 8, 2
 

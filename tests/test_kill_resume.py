@@ -26,11 +26,12 @@ import torch
 
 from midms_cli.atomic import is_temporary, set_fault_hook
 from midms_cli.checkpoint import RunDir, load_checkpoint, save_modules
-from midms_cli.config import LossConfig, ModelConfig, preset
+from midms_cli.config import LossConfig, ModelConfig
 from midms_cli.pipelines import pretrain as pretraining
 from midms_cli.pipelines import train as training
 from midms_cli.pipelines.loop import METRICS_FILE
 from midms_cli.pipelines.prepare import PrepareConfig, prepare
+from midms_cli.presets import preset
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the boundary kills fork the test process")
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from midms_cli.config import preset
 from midms_cli.errors import MidmsError
 from midms_cli.models.midm import MIDM
+from midms_cli.presets import preset
 from midms_cli.sampler import InjectedNoise, OfficialNoiseOrder, translate
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import midms_cli.models.midm as midm_module
-from midms_cli.config import apply_sampling_variant, preset
+from midms_cli.config import apply_sampling_variant
 from midms_cli.errors import MidmsError
 from midms_cli.models.midm import MIDM
 from midms_cli.models.unet import UNetModel
+from midms_cli.presets import preset
 from midms_cli.sampler import translate
 
 

@@ -13,10 +13,10 @@ import midms_cli.pipelines.translate as translate_pipeline
 from midms_cli.checkpoint import RunDir, save_checkpoint, save_modules
 from midms_cli.cli.app import main
 from midms_cli.cli.state import STATE
-from midms_cli.config import preset
 from midms_cli.errors import MidmsError
 from midms_cli.models.midm import MIDM
 from midms_cli.pipelines.translate import load_midm, resolve_model_file, sampling_settings, save_midm
+from midms_cli.presets import preset
 
 SIZE = 32
 

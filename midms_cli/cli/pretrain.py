@@ -29,7 +29,7 @@ from midms_cli.cli.runs import (
     print_config,
     run_training,
 )
-from midms_cli.config import preset
+from midms_cli.presets import preset
 
 pretrain_app = typer.Typer(
     name="pretrain",

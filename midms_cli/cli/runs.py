@@ -20,9 +20,9 @@ import typer
 from midms_cli import distributed
 from midms_cli.atomic import check_output_dir, undo_on_failure
 from midms_cli.cli.state import STATE, emit
-from midms_cli.config import PRESETS
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.loop import LoopResult
+from midms_cli.presets import PRESETS
 
 PRESET_HELP = f"Model preset: {', '.join(PRESETS)}."
 RUN = "Run"

@@ -30,8 +30,9 @@ from midms_cli.cli.runs import (
     print_config,
     run_training,
 )
-from midms_cli.config import ModelConfig, preset, validate
+from midms_cli.config import ModelConfig, validate
 from midms_cli.errors import MidmsError
+from midms_cli.presets import preset
 
 # warmup | train (defaults from the preset's or config's training block)
 ConfigFile = Annotated[

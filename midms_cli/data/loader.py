@@ -64,8 +64,16 @@ def _resized(name: str, value: Any, size: int) -> Any:
     return torch.nn.functional.interpolate(value[None], size=(size, size), mode=mode)[0]
 
 
+SELF_PAIR_WINDOWS = ("shared", "own")
+
+
 def crop_and_flip(
-    sample: dict[str, Any], crop: int | None, flip: bool, rng: random.Random, load_size: int | None = None
+    sample: dict[str, Any],
+    crop: int | None,
+    flip: bool,
+    rng: random.Random,
+    load_size: int | None = None,
+    self_pair_window: str = "shared",
 ) -> dict[str, Any]:
     """The official training augmentation: a random `crop` x `crop` window and a horizontal flip (p = 0.5).
 
@@ -74,8 +82,10 @@ def crop_and_flip(
     shard's own size: the official resize-286-crop-256 on shards stored at 256.
     The target (image, cond and the oracle, which is aligned with them) shares one draw; the exemplar
     (ref, ref_cond) gets its own, except for a self pair, whose exemplar is the target itself with the
-    target's crop and flip. Unlike the official code, whose self pairs recompute the exemplar's condition
-    with a fresh crop and flip, ref_cond stays aligned with ref.
+    target's crop and flip (`self_pair_window` "shared", official) or with a draw of its own ("own":
+    the identity is then no longer the right match for any pair). Unlike the official code, whose
+    self pairs recompute the exemplar's condition with a fresh crop and flip, ref_cond stays aligned
+    with ref.
     """
     size = sample["image"].shape[-1]
     crop = size if crop is None else crop
@@ -95,8 +105,13 @@ def crop_and_flip(
         tensor = tensor[..., top : top + crop, left : left + crop]
         return tensor.flip(-1) if mirrored else tensor
 
+    if self_pair_window not in SELF_PAIR_WINDOWS:
+        raise MidmsError(
+            f"self_pair_window must be one of {', '.join(SELF_PAIR_WINDOWS)}, got {self_pair_window!r}"
+        )
     target = draw()
-    exemplar = target if sample["meta"].get("pairing") == "self" else draw()
+    shared = sample["meta"].get("pairing") == "self" and self_pair_window == "shared"
+    exemplar = target if shared else draw()
     out = dict(sample)
     for name in ("image", "cond", "oracle"):
         if name in sample:
@@ -131,9 +146,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         flip: bool = False,
         load_size: int | None = None,
         digests: dict[str, str] | None = None,
+        self_pair_window: str = "shared",
     ):
         super().__init__()
         self.crop, self.flip, self.load_size = crop, flip, load_size
+        self.self_pair_window = self_pair_window
         self.digests = digests or {}
         self.shards, self.shuffle, self.resample, self.seed = shards, shuffle, resample, seed
         self.buffer, self.strict, self.rank, self.world, self.report = buffer, strict, rank, world, report
@@ -187,7 +204,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             self.stats.samples += 1
             if self.crop or self.flip or self.load_size:
-                sample = crop_and_flip(sample, self.crop, self.flip, rng, self.load_size)
+                sample = crop_and_flip(
+                    sample, self.crop, self.flip, rng, self.load_size, self.self_pair_window
+                )
             yield sample
 
 
@@ -242,6 +261,7 @@ def make_loader(
     crop: int | None = None,
     flip: bool = False,
     load_size: int | None = None,
+    self_pair_window: str = "shared",
 ) -> ShardLoader:
     """Batches {"image", "cond", "ref", "ref_cond", ["oracle"], "meta"} of ROOT/split.
 
@@ -251,7 +271,8 @@ def make_loader(
     resample=False needs at least one shard per rank (else MidmsError); a DataLoader worker left
     without a shard just ends its share at once, so fewer shards than workers never hangs.
     crop / flip / load_size: the official augmentation (`crop_and_flip`): shards prepared at 286 px with
-    crop=256, or shards at 256 px with load_size=286.
+    crop=256, or shards at 256 px with load_size=286; self_pair_window: the exemplar window of a
+    self pair (the target's, or one of its own).
     """
     if batch_size < 1:
         raise MidmsError(f"batch size must be at least 1, got {batch_size}")
@@ -282,6 +303,7 @@ def make_loader(
         flip=flip,
         load_size=load_size,
         digests=shard_digests(root, split),
+        self_pair_window=self_pair_window,
     )
     # An endless stream has no last batch; a finite pass keeps its short last batch (evaluation).
     return ShardLoader(

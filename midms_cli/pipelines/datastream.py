@@ -111,20 +111,28 @@ def endless_epochs(loader: Iterable, batch_size: int) -> Iterator[dict[str, Any]
 
 
 def shard_loader(
-    data: Path, split: str, batch_size: int, num_workers: int = 0, *, load_size: int = 0, flip: bool = False
+    data: Path,
+    split: str,
+    batch_size: int,
+    num_workers: int = 0,
+    *,
+    load_size: int = 0,
+    flip: bool = False,
+    self_pair_window: str = "shared",
 ) -> Callable[[int], Iterable]:
     """A loader factory over WebDataset shards: seed -> an endless per-rank batch stream.
 
     Each rank reads only its own shards (split by node and worker), pass after pass, so ranks see
     disjoint data and none runs dry before another (no hang on uneven shards). load_size / flip:
-    the official augmentation (`crop_and_flip`; 0 / False: none).
+    the official augmentation (`crop_and_flip`; 0 / False: none); self_pair_window: its exemplar window
+    of a self pair.
     """
     from midms_cli.data import shards  # looked up when called: tests wrap shards.make_loader
 
     def make(seed: int) -> Iterable:
         loader = shards.make_loader(
             data, split, batch_size, shuffle=True, resample=False, seed=seed, num_workers=num_workers,
-            flip=flip, load_size=load_size or None,
+            flip=flip, load_size=load_size or None, self_pair_window=self_pair_window,
         )
         return endless_epochs(loader, batch_size)
 

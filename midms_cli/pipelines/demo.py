@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from midms_cli.atomic import write_text
-from midms_cli.config import ModelConfig, preset, rewarp_positions_within, validate
+from midms_cli.config import ModelConfig, rewarp_positions_within, validate
 from midms_cli.errors import MidmsError
+from midms_cli.presets import preset
 
 DATASET = "synthfaces"
 IMAGE_SIZE = 64  # the tiny preset: 64 px images, 16 x 16 latents

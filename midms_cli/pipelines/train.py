@@ -315,7 +315,8 @@ def run_phase(
     task = build_task(model, phase, model_config.to_dict(), steps_per_epoch, offset)
     options = loop_options(training, Path(out), max_iters, **loop_overrides)
     loader = loop.shard_loader(
-        data, "train", training.batch_size, num_workers, load_size=training.load_size, flip=training.flip
+        data, "train", training.batch_size, num_workers, load_size=training.load_size, flip=training.flip,
+        self_pair_window=training.self_pair_window,
     )
     return loop.Trainer(task, options, loader, device).run()
 

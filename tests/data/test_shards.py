@@ -274,6 +274,15 @@ def test_self_pair_exemplar_keeps_the_targets_crop_and_flip():
     for seed in range(5):
         out = crop_and_flip(sample, 4, True, random.Random(seed))
         assert torch.equal(out["ref"], out["image"]) and torch.equal(out["ref_cond"], out["cond"])
+    # "own": the same photo through a window of its own draw, still aligned with its own condition.
+    moved = 0
+    for seed in range(20):
+        out = crop_and_flip(sample, 4, True, random.Random(seed), self_pair_window="own")
+        assert torch.equal(out["ref_cond"], out["ref"] + 1)
+        moved += not torch.equal(out["ref"], out["image"])
+    assert moved >= 15  # 1 chance in 18 per draw that both windows coincide
+    with pytest.raises(MidmsError, match="self_pair_window must be one of shared, own"):
+        crop_and_flip(sample, 4, True, random.Random(0), self_pair_window="mine")
 
 
 def test_load_size_resizes_then_crops_back_to_the_shard_size(tmp_path):

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from midms_cli.config import AutoencoderConfig, preset
+from midms_cli.config import AutoencoderConfig
 from midms_cli.models.autoencoder import AttnBlock, build_autoencoder, gaussian_kl, vector_quantize
+from midms_cli.presets import preset
 
 
 def conv(cin: int, cout: int, k: int) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from midms_cli.config import preset
 from midms_cli.models.blocks import SPADE, ResidualBlock, positional_norm
 from midms_cli.models.correspondence import Correspondence, centre_normalize
+from midms_cli.presets import preset
 
 
 def conv(cin: int, cout: int, k: int, bias: bool = True) -> int:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from midms_cli.config import preset
 from midms_cli.models.autoencoder import build_autoencoder, nearest_codes
 from midms_cli.models.unet import GroupNorm32, UNetModel
+from midms_cli.presets import preset
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from midms_cli.checkpoint import load_modules, save_checkpoint, save_modules
-from midms_cli.config import preset
 from midms_cli.errors import MidmsError
 from midms_cli.models.midm import MIDM
 from midms_cli.models.model_file import midm_from_file
+from midms_cli.presets import preset
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from midms_cli.config import UNetConfig, preset
+from midms_cli.config import UNetConfig
 from midms_cli.models.unet import (
     AttentionBlock,
     GroupNorm32,
@@ -16,6 +16,7 @@ from midms_cli.models.unet import (
     legacy_qkv_attention,
     timestep_embedding,
 )
+from midms_cli.presets import preset
 
 
 def small_config(**overrides) -> UNetConfig:

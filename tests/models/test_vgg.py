@@ -157,9 +157,10 @@ def test_unknown_layout_and_incomplete_weights_are_user_errors():
 
 
 def test_first_stage_feature_net_needs_no_weights_and_maps_encoder_levels():
-    from midms_cli.config import LossConfig, preset
+    from midms_cli.config import LossConfig
     from midms_cli.models.autoencoder import build_autoencoder
     from midms_cli.models.feature_net import build_feature_net
+    from midms_cli.presets import preset
 
     torch.manual_seed(5)
     config = preset("tiny")

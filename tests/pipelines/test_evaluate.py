@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from midms_cli.config import CorrespondenceConfig, preset
+from midms_cli.config import CorrespondenceConfig
 from midms_cli.data.registry import get_plugin
 from midms_cli.errors import MidmsError
 from midms_cli.models.lpips_net import LPIPS
@@ -18,6 +18,7 @@ from midms_cli.models.midm import MIDM
 from midms_cli.pipelines.evaluate import EvalOptions, evaluate_model, plan_pairs, split_keys
 from midms_cli.pipelines.prepare import PrepareConfig, prepare
 from midms_cli.pipelines.translate import save_midm
+from midms_cli.presets import preset
 
 
 class _TinyInception(torch.nn.Module):

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from midms_cli.checkpoint import load_checkpoint, module_state
-from midms_cli.config import ModelConfig, preset
+from midms_cli.config import ModelConfig
 from midms_cli.errors import MidmsError
 from midms_cli.ldm_import import load_ldm
 from midms_cli.pipelines import pretrain as pipeline
 from midms_cli.pipelines.loop import METRICS_FILE, parameter_checksum
+from midms_cli.presets import preset
 
 SIZE = 32
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from midms_cli.checkpoint import load_checkpoint, module_state, save_modules
-from midms_cli.config import LossConfig, ModelConfig, preset
+from midms_cli.config import LossConfig, ModelConfig
 from midms_cli.data.shards import make_loader
 from midms_cli.models.autoencoder import build_autoencoder
 from midms_cli.models.feature_net import FirstStageFeatures
@@ -19,6 +19,7 @@ from midms_cli.pipelines import objective
 from midms_cli.pipelines import train as pipeline
 from midms_cli.pipelines.loop import seed_everything
 from midms_cli.pipelines.pretrain import ldm_config
+from midms_cli.presets import preset
 
 SIZE = 32
 
@@ -279,15 +280,15 @@ def test_training_batches_get_the_configs_resize_crop_and_flip(shards, base, tmp
     make_loader_unpatched = shard_module.make_loader
 
     def recording(*args, **kwargs):
-        seen.append((kwargs["load_size"], kwargs["flip"]))
+        seen.append((kwargs["load_size"], kwargs["flip"], kwargs["self_pair_window"]))
         return make_loader_unpatched(*args, **kwargs)
 
     monkeypatch.setattr(shard_module, "make_loader", recording)
-    config = tiny32(warmup_iters=1, load_size=SIZE + 4, flip=True)
+    config = tiny32(warmup_iters=1, load_size=SIZE + 4, flip=True, self_pair_window="own")
     assert pipeline.warmup(shards, tmp_path / "aug", config, base, progress=False).step == 1
     config = tiny32(warmup_iters=1)
     assert pipeline.warmup(shards, tmp_path / "plain", config, base, progress=False).step == 1
-    assert seen == [(SIZE + 4, True), (None, False)]
+    assert seen == [(SIZE + 4, True, "own"), (None, False, "shared")]
 
 
 def test_train_without_init_warms_up_first_then_updates_unet_and_correspondence(shards, base, tmp_path):
