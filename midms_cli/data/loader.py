@@ -83,7 +83,7 @@ def crop_and_flip(
     The target (image, cond and the oracle, which is aligned with them) shares one draw; the exemplar
     (ref, ref_cond) gets its own, except for a self pair, whose exemplar is the target itself with the
     target's crop and flip (`self_pair_window` "shared", official) or with a draw of its own ("own":
-    the identity is then no longer the right match for any pair). Unlike the official code, whose
+    the identity is then only by chance the exact match of a pair). Unlike the official code, whose
     self pairs recompute the exemplar's condition with a fresh crop and flip, ref_cond stays aligned
     with ref.
     """
