@@ -180,14 +180,20 @@ def input_conv(conv: nn.Conv2d, x: Tensor, budget_bytes: int) -> Tensor:
     return conv3x3_in_strips(conv, lambda lo, hi: x[:, :, lo:hi], x, x.shape[2], x.shape[3], rows)
 
 
+def _level_blocks(stage: nn.Module, h: Tensor, budget_bytes: int) -> Tensor:
+    """One resolution level's ResNet blocks in strips, each followed by its attention when it has one."""
+    for i, block in enumerate(stage.block):
+        h = resnet_block(block, h, budget_bytes)
+        if len(stage.attn) > 0:
+            h = stage.attn[i](h)
+    return h
+
+
 def encoder(net: nn.Module, x: Tensor, budget_bytes: int) -> Tensor:
     """An Encoder's forward (eval mode) with every convolution outside attention in strips."""
     h = input_conv(net.conv_in, x, budget_bytes)
     for stage in net.down:
-        for i, block in enumerate(stage.block):
-            h = resnet_block(block, h, budget_bytes)
-            if len(stage.attn) > 0:
-                h = stage.attn[i](h)
+        h = _level_blocks(stage, h, budget_bytes)
         if hasattr(stage, "downsample"):
             h = downsample(stage.downsample, h, budget_bytes)
     h = resnet_block(net.mid.block_1, h, budget_bytes)
@@ -200,10 +206,7 @@ def decoder(net: nn.Module, z: Tensor, budget_bytes: int) -> Tensor:
     h = resnet_block(net.mid.block_1, net.conv_in(z), budget_bytes)
     h = resnet_block(net.mid.block_2, net.mid.attn_1(h), budget_bytes)
     for stage in reversed(net.up):
-        for i, block in enumerate(stage.block):
-            h = resnet_block(block, h, budget_bytes)
-            if len(stage.attn) > 0:
-                h = stage.attn[i](h)
+        h = _level_blocks(stage, h, budget_bytes)
         if hasattr(stage, "upsample"):
             h = upsample(stage.upsample, h, budget_bytes)
     return output_head(net.norm_out, net.conv_out, h, budget_bytes)
