@@ -116,7 +116,10 @@ def bar_chart(results: Mapping[str, Any], headline: Headline, labels: Mapping[st
     values = {n: r[headline.key] for n, r in methods.items() if isinstance(r.get(headline.key), int | float)}
     if not values:
         return ""
-    width, bar, gap, left = 420, 16, 6, 230
+    # The label column grows with the longest label (about 6 px per character at font size 11).
+    longest = max(len(labels.get(name, name)) for name in values)
+    bar, gap, left = 16, 6, max(230, 6 * longest + 12)
+    width = left + 190
     top = max(max(values.values()), 1e-12)
     scale = (width - left - 60) / top
     height = len(values) * (bar + gap) + gap

@@ -55,3 +55,18 @@ def test_best_of_a_column_skips_the_ceiling_and_follows_the_metric_direction():
     psnr, swd = (next(h for h in HEADLINES if h.key == key) for key in ("oracle_output_psnr", "swd_oracle"))
     assert best_methods(methods, psnr) == {"model"}  # higher is better; the ceiling is a bound
     assert best_methods(methods, swd) == {"exemplar_copy"}  # lower is better
+
+
+def test_bar_chart_label_column_grows_with_the_longest_label():
+    import re
+
+    from midms_cli.report import _headlines, bar_chart
+
+    results = {"methods": {"model": {"oracle_output_psnr": 19.0}, "no_mask": {"oracle_output_psnr": 18.0}}}
+    headline = next(h for h in _headlines(results["methods"]) if h.key == "oracle_output_psnr")
+    short = bar_chart(results, headline, {"model": "model", "no_mask": "no mask"})
+    long_label = "- confidence mask (= the model's sampler: it has no re-warp to take out)"
+    wide = bar_chart(results, headline, {"model": "model", "no_mask": long_label})
+    left = [float(re.search(r'<rect x="([0-9.]+)"', svg).group(1)) for svg in (short, wide)]
+    assert left[0] == 230 and left[1] >= 6 * len(long_label)
+    assert f'width="{left[1] + 190:g}"' in wide

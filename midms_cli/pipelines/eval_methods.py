@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from midms_cli import distributed
+from midms_cli.config import SamplingConfig, rewarp_positions_within
 from midms_cli.images import save_png, to_uint8
 from midms_cli.metrics.protocol import Pair
 from midms_cli.metrics.suite import CachedSet, MetricSuite
@@ -49,6 +50,27 @@ METHODS: dict[str, Method] = {
         Method("ceiling", "oracle through the first stage (ceiling)", "baseline"),
     )
 }  # fmt: skip
+
+
+def as_run(sampling: SamplingConfig) -> SamplingConfig:
+    """The sampler as its loop runs it: without a re-warp inside the loop the confidence-mask
+    settings change nothing, so they are set to the defaults (two samplers that run the same loop
+    compare equal)."""
+    if rewarp_positions_within(sampling.rewarp_positions, sampling.interleaved_steps):
+        return sampling
+    default = SamplingConfig()
+    return dataclasses.replace(
+        sampling,
+        rewarp_positions=(),
+        confidence_masking=default.confidence_masking,
+        mask_variant=default.mask_variant,
+        mask_threshold=default.mask_threshold,
+        flow_tau=default.flow_tau,
+    )
+
+
+# Said after the label of an ablation that takes nothing out of the model's sampler.
+SAME_AS_MODEL = " (= the model's sampler: it has no re-warp to take out)"
 
 
 @dataclass
@@ -151,10 +173,11 @@ class ModelEvaluation:
         self.rows: list[dict[str, str | None]] = []
         # Ablations that take nothing out of this model's sampler (e.g. no re-warps from a loop without
         # any): the same loop from the same noise, so they are given the model's numbers, not rerun.
+        own = as_run(model.config.sampling)
         self.same_as_model = {
             name for name in methods
             if METHODS[name].sampling is not None
-            and dataclasses.replace(model.config.sampling, **METHODS[name].sampling) == model.config.sampling
+            and as_run(dataclasses.replace(model.config.sampling, **METHODS[name].sampling)) == own
         }  # fmt: skip
         self.written: set[str] = set()
         self.out = out

@@ -45,7 +45,7 @@ from midms_cli.pipelines.eval_folders import (
     provided_weights,
     stats_cache,
 )
-from midms_cli.pipelines.eval_methods import METHODS, Job, ModelEvaluation, methods_for
+from midms_cli.pipelines.eval_methods import METHODS, SAME_AS_MODEL, Job, ModelEvaluation, methods_for
 from midms_cli.report import write_report
 from midms_cli.weights import sha256_file
 
@@ -292,7 +292,10 @@ def evaluate_model(
         metrics=chosen,
         weights=hashes,
         sampler=_sampler_dict(sampling),
-        methods={name: METHODS[name].label for name in methods},
+        methods={
+            name: METHODS[name].label + (SAME_AS_MODEL if name in evaluation.same_as_model else "")
+            for name in methods
+        },
         ablations={name: METHODS[name].sampling for name in methods if METHODS[name].sampling is not None},
         seeds={"generation": seed_list, "metrics": seed_list},
         batch_size=batch_size,

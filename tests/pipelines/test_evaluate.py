@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,7 +18,7 @@ from midms_cli.models.lpips_net import LPIPS
 from midms_cli.models.midm import MIDM
 from midms_cli.pipelines.evaluate import EvalOptions, evaluate_model, plan_pairs, split_keys
 from midms_cli.pipelines.prepare import PrepareConfig, prepare
-from midms_cli.pipelines.translate import save_midm
+from midms_cli.pipelines.translate import load_midm, save_midm
 from midms_cli.presets import preset
 
 
@@ -125,6 +126,7 @@ def test_end_to_end_files_numbers_and_reproducibility(setup, tmp_path):
     assert protocol["protocol_version"] == 2 and protocol["pairs"] == 4 and protocol["primary_pairs"] == 2
     assert protocol["size"] == 64 and protocol["seeds"]["generation"] == [3]
     assert protocol["ablations"]["no_rewarp"] == {"confidence_masking": False, "rewarp_positions": []}
+    assert protocol["methods"]["no_mask"] == "- confidence mask"  # the preset's loop re-warps
     assert (out / "pairs.txt").read_text().splitlines() == [
         "val0000000 val0000000",
         "val0000000 val0000001",
@@ -297,3 +299,31 @@ def test_reference_features_are_cached_per_data_pairs_and_network(setup, tmp_pat
     stamps = [path.stat().st_mtime_ns for path in cached]
     assert run(tmp_path / "b")["results"] == first["results"]
     assert [path.stat().st_mtime_ns for path in cached] == stamps  # read, not rewritten
+
+
+def test_ablations_that_take_nothing_out_of_the_sampler_are_labelled_and_equal_the_model(setup, tmp_path):
+    """A sampler without re-warps: removing the mask or the re-warps leaves the same loop, so both rows
+    are the model's numbers and their labels say so; with re-warps (the preset's) they are not."""
+    from midms_cli.pipelines.eval_methods import SAME_AS_MODEL, as_run
+
+    sampling = preset("tiny").sampling
+    assert as_run(dataclasses.replace(sampling, rewarp_positions=())) == as_run(
+        dataclasses.replace(sampling, rewarp_positions=(), confidence_masking=False)
+    )
+    assert as_run(sampling) != as_run(dataclasses.replace(sampling, confidence_masking=False))
+    # Positions outside the loop (the last step never re-warps) count as none.
+    assert as_run(dataclasses.replace(sampling, interleaved_steps=2)) == as_run(
+        dataclasses.replace(sampling, interleaved_steps=2, rewarp_positions=(), confidence_masking=False)
+    )
+
+    ours = tmp_path / "plain"
+    ours.mkdir()
+    (ours / "shards").symlink_to(setup / "shards")
+    model = load_midm(setup / "model.safetensors")
+    model.config.sampling.rewarp_positions = ()
+    save_midm(ours / "model.safetensors", model)
+    results = _run(ours, tmp_path / "out", baselines=True, metrics=["oracle"])["results"]["methods"]
+    assert results["no_mask"] == results["model"] == results["no_rewarp"]
+    labels = json.loads((tmp_path / "out" / "protocol.json").read_text())["methods"]
+    assert labels["no_mask"].endswith(SAME_AS_MODEL) and labels["no_rewarp"].endswith(SAME_AS_MODEL)
+    assert not labels["model"].endswith(SAME_AS_MODEL)
