@@ -149,6 +149,16 @@ def official_emulated(result: dict) -> float:
             + (OFFICIAL_DECODES - result["decodes"]) * per_decode)
 
 
+def write_random_model(preset_name: str, path: Path) -> None:
+    """A random-weight float32 model file of a preset (zero-initialised layers randomised too)."""
+    from midms_cli.models.midm import MIDM
+    from midms_cli.pipelines.translate import save_midm
+    from midms_cli.presets import preset
+
+    torch.manual_seed(0)
+    save_midm(path, randomize_zero_init(MIDM(preset(preset_name)).eval()))
+
+
 def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
     """The user's path: a model file (`--model`, or a random-weight float32 one of the preset), then
     run `midms translate --precision P` on one condition/exemplar pair in a subprocess per
@@ -160,22 +170,17 @@ def cli_run(args: argparse.Namespace, precisions: list[str]) -> list[dict]:
     from midms_cli.conditions.io import save_condition
     from midms_cli.config import ModelConfig
     from midms_cli.images import save_png
-    from midms_cli.models.midm import MIDM
-    from midms_cli.pipelines.translate import save_midm
-    from midms_cli.presets import preset
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model_file = Path(args.model) if args.model else folder / "model.safetensors"
-        if args.model:
-            config = ModelConfig.from_dict(read_metadata(model_file)["config"])
-        else:
-            torch.manual_seed(0)
-            model = randomize_zero_init(MIDM(preset(args.preset)).eval())
-            save_midm(model_file, model)
-            config = model.config
-            del model
+        if not args.model:
+            # Written by a process of its own: a child forked from a process that held the model
+            # would inherit its resident set in the peak the kernel reports for the child.
+            writer = [sys.executable, __file__, "--preset", args.preset, "--write-model", str(model_file)]
+            subprocess.run(writer, check=True)
+        config = ModelConfig.from_dict(read_metadata(model_file)["config"])
         condition, exemplar, exemplar_condition = build_inputs(config, 1, seed=1)
         save_condition(condition[0], folder / "cond.npy")
         save_png(exemplar[0], folder / "ref.png")
@@ -260,7 +265,11 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--image-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--write-model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_model:
+        write_random_model(args.preset, Path(args.write_model))
+        return
     if args.repeat <= 0:
         args.repeat = 3 if args.preset == "tiny" else 1
     if args.child:

@@ -19,6 +19,7 @@ stage that samples its KL posterior (LSUN-style) draws before them, from torch's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,6 +166,7 @@ def translate(
     pretrained_unet: nn.Module | None = None,
     capture: bool = False,
     noise: InjectedNoise | OfficialNoiseOrder | None = None,
+    phases: Callable[[str], None] | None = None,
 ) -> Translation:
     """Algorithm 1 for a batch of conditions (B, nc, H, W) and one exemplar or B of them.
 
@@ -172,8 +174,11 @@ def translate(
     or features already computed by `model.encode_exemplar` (reuse across calls). `noise`: None
     draws from `generator`; an `OfficialNoiseOrder` draws in the official forward's order (its
     record is `Translation.noise.draws`); `InjectedNoise` gives every noise (the loop needs η = 0,
-    as the official loop).
+    as the official loop). `phases` is told each phase before it runs ("encode", "condition", "loop",
+    "refine" or "refine-separate", "decode"), so that only its networks need be in memory
+    (`models.model_file.StagedWeights`).
     """
+    enter = phases or (lambda phase: None)
     sampling = sampling or model.config.sampling
     refiner = choose_refiner(model, sampling.refine, pretrained_unet)
     if noise is not None and sampling.eta != 0:
@@ -184,8 +189,10 @@ def translate(
     if isinstance(exemplar, Tensor):
         if exemplar_condition is None:
             raise ValueError("an exemplar photo needs its own condition map")
+        enter("encode")
         exemplar = model.encode_exemplar(exemplar, exemplar_condition)
     exemplar = exemplar.expand(condition.shape[0])
+    enter("condition")
     cond = model.condition_features(condition)
     warped = model.initial_match(cond, exemplar, sampling.tau)
     if isinstance(noise, OfficialNoiseOrder):
@@ -194,14 +201,17 @@ def translate(
 
     # 2-4. Interleaved DDIM steps with re-warping from the x0-prediction (Eq. 7-11).
     loop_noise = _noise(warped, generator) if noise is None else noise.loop.to(warped)
+    enter("loop")
     loop = model.interleaved_loop(warped, cond, exemplar, loop_noise, sampling, generator=generator)
     latent = loop.x0
 
     # 5. Refinement by a diffusion model, then decoding.
     if refiner is not None:
+        enter("refine" if refiner is model.unet else "refine-separate")
         if noise is None:
             latent = refine(model, refiner, latent, sampling, generator)
         else:
             latent = refine_with_noise(model, refiner, latent, sampling, noise)
+    enter("decode")
     image = model.decode(latent).clamp(-1, 1)
     return Translation(image, latent, warped, loop if capture else None, noise)

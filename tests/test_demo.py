@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,6 +262,13 @@ def test_demo_shows_the_bundled_model_on_new_pairs_with_every_method(tmp_path):
         assert grid.mode == "RGB" and grid.size[0] == 4 * (2 * 64 + GAP) + GAP
     assert (out / "eval" / "report.html").is_file() and (out / "showcase.json").is_file()
     assert "training" not in result.stderr.lower()
+    # The bundled sampler has no re-warps: both ablations are its numbers, and the table says so.
+    assert summary["same_as_model"] == ["no_mask", "no_rewarp"]
+    assert methods["no_mask"] == methods["model"] == methods["no_rewarp"]
+    command = [sys.executable, "-m", "midms_cli", "demo", "--out", str(tmp_path / "t"), "--pairs", "2"]
+    table = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "160"})
+    assert table.returncode == 0, table.stderr
+    assert "no_rewarp (= model: nothing to take out)" in table.stdout
 
 
 def test_quick_training_demo_says_its_outputs_are_noise(demo_run):

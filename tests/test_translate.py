@@ -357,3 +357,34 @@ def test_a_bad_file_late_in_a_batch_fails_before_any_output(files, tmp_path, cap
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "notimage.png" in err, err
     assert not out_dir.exists()
+
+
+def test_low_memory_gives_the_same_files_reading_each_network_per_phase(files, tmp_path, capsys, monkeypatch):
+    """--low-memory keeps only the networks of the running phase in memory: same bytes, steps strip too."""
+    import midms_cli.memory
+    from midms_cli.models import model_file
+
+    monkeypatch.setattr(midms_cli.memory, "map_large_blocks", lambda: True)  # leave this process's allocator
+    reads = []
+    original = model_file._load_submodule
+    monkeypatch.setattr(model_file, "_load_submodule", lambda path, prefix, *a: (reads.append(prefix),
+                                                                                original(path, prefix, *a)))
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(
+        f"{files / 'cond.png'} {files / 'ref.png'}\n{files / 'cond.png'} {files / 'ref.png'}\n"
+        f"{files / 'cond.png'} {files / 'ref2.png'}\n"
+    )
+    model = str(files / "model.safetensors")
+    outputs = {}
+    for name, extra in (("plain", []), ("low", ["--low-memory"])):
+        reads.clear()
+        code, _, err = run(["translate", "--pairs", str(pairs), "--out-dir", str(tmp_path / name), "--model",
+                            model, "--save-steps", "--refine", "finetuned", *extra], capsys)
+        assert code == 0, err
+        outputs[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
+        if name == "low":  # per pair: the UNet and the correspondence for its loop, the first stage to decode
+            per_pair = ["correspondence", "unet", "first_stage"]
+            assert reads == ["first_stage", *per_pair * 3], reads  # the first encode, then each pair
+        else:
+            assert reads == ["first_stage", "unet", "correspondence"]
+    assert len(outputs["plain"]) == 6 and outputs["plain"] == outputs["low"]

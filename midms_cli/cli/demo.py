@@ -45,6 +45,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _method_name(name: str, same_as_model) -> str:
+    return f"{name} (= model: nothing to take out)" if name in same_as_model else name
+
+
 def methods_table(summary: dict[str, Any]) -> Table:
     """A row per method (model, ablations, baselines), the headline metrics as columns."""
     methods, spreads = summary["methods"], summary.get("sd") or {}
@@ -64,7 +68,7 @@ def methods_table(summary: dict[str, Any]) -> Table:
             cells.append(
                 "-" if key not in row else f"{row[key]:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
             )
-        table.add_row(name, *cells)
+        table.add_row(_method_name(name, summary.get("same_as_model", ())), *cells)
     table.caption = f"grid: {summary['grid']}   report: {summary['report']}   ({summary['seconds']:.0f} s)"
     table.caption_justify = "left"
     return table

@@ -57,7 +57,8 @@ def _table(results: dict[str, Any]) -> Table:
         for key in keys:
             value, sd = row.get(key), spreads.get(name, {}).get(key)
             cells.append("-" if value is None else _format(value) + ("" if sd is None else f" ± {sd:.3f}"))
-        table.add_row(name, *cells)
+        same = name in results.get("same_as_model", ())
+        table.add_row(f"{name} (= model: nothing to take out)" if same else name, *cells)
     return table
 
 

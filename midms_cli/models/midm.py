@@ -200,9 +200,17 @@ class MIDM(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
-        self.first_stage.to(dtype=torch.float32, memory_format=precision_layout(precision))
-        self.prepare_unet(self.unet)
+        for network in ("first_stage", "unet"):
+            self.lay_out(network)
         return self
+
+    def lay_out(self, network: str) -> None:
+        """One network ("first_stage", "unet"; the correspondence networks stay float32 and
+        contiguous) in the dtype and layout of this model's precision, in place."""
+        if network == "first_stage":
+            self.first_stage.to(dtype=torch.float32, memory_format=precision_layout(self.precision))
+        elif network == "unet":
+            self.prepare_unet(self.unet)
 
     def prepare_unet(self, unet: nn.Module) -> nn.Module:
         """A UNet (the model's own, or a refiner's) in the dtype and layout of this model's precision."""
@@ -219,6 +227,12 @@ class MIDM(nn.Module):
         self.unet.activation_checkpointing = enabled
         self.first_stage.decoder.activation_checkpointing = enabled
         return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes: its noise schedule's device, which stays while the weights of
+        a network are released (`models.model_file.StagedWeights`)."""
+        return self.alphas_cumprod.device
 
     def modules_to_save(self) -> dict[str, nn.Module]:
         """Prefix -> submodule, the layout of a model file (kind "midms")."""

@@ -56,17 +56,8 @@ def read_entry(handle, data_start: int, entry: Mapping) -> torch.Tensor:
     return raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def _module_state(
-    path: Path,
-    prefix: str,
-    module: nn.Module,
-    header: Mapping,
-    handle,
-    data_start: int,
-    dtype: torch.dtype,
-    layout: torch.memory_format,
-) -> dict[str, torch.Tensor]:
-    """The file's entries under "<prefix>." read in the module's compute dtype, checked against the module."""
+def _check_entries(path: Path, prefix: str, module: nn.Module, header: Mapping) -> dict[str, Mapping]:
+    """The file's entries under "<prefix>." by parameter name, checked against the module's state."""
     expected = module.state_dict()
     start = prefix + "."
     stored = {name[len(start):]: entry for name, entry in header.items() if name.startswith(start)}
@@ -82,7 +73,6 @@ def _module_state(
         raise mismatch(f"missing key(s) in state_dict: {', '.join(missing[:3])}")
     if unexpected:
         raise mismatch(f"unexpected key(s) in state_dict: {', '.join(unexpected[:3])}")
-    state = {}
     for name, target in expected.items():
         entry = stored[name]
         if tuple(entry["shape"]) != tuple(target.shape):
@@ -92,14 +82,39 @@ def _module_state(
             )
         if entry["dtype"] not in TORCH_DTYPES:
             raise mismatch(f"{name} is stored as {entry['dtype']}, which this torch cannot hold")
+    return {name: stored[name] for name in expected}
+
+
+def _read_state(
+    handle,
+    data_start: int,
+    entries: Mapping[str, Mapping],
+    module: nn.Module,
+    dtype: torch.dtype,
+    layout: torch.memory_format,
+) -> dict[str, torch.Tensor]:
+    """Checked entries read in the module's compute dtype and layout."""
+    expected = module.state_dict()
+    state = {}
+    for name, entry in entries.items():
         tensor = read_entry(handle, data_start, entry)
-        wanted = dtype if target.is_floating_point() else target.dtype
+        wanted = dtype if expected[name].is_floating_point() else expected[name].dtype
         tensor = tensor.to(wanted)  # a no-op when the file already stores this dtype
         if tensor.dim() == 4 and layout != torch.contiguous_format:
             # Laid out now, so that set_precision finds it in place: no second copy of the weights.
             tensor = tensor.contiguous(memory_format=layout)
         state[name] = tensor
     return state
+
+
+def _load_submodule(path: Path, prefix: str, module: nn.Module, entries: Mapping, precision: str) -> None:
+    """Read one submodule's weights from the file into it (assigned: no second copy)."""
+    layout = precision_layout(precision) if prefix in LAID_OUT else torch.contiguous_format
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        dtype = compute_dtypes(precision)[prefix]
+        state = _read_state(handle, 8 + header_len, entries, module, dtype, layout)
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def _restore_unsaved_buffers(model: MIDM) -> None:
@@ -120,14 +135,64 @@ def midm_from_file(
     header = _read_header(path)
     with torch.device("meta"):
         model = MIDM(config)
-    dtypes = compute_dtypes(precision)
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        data_start = 8 + header_len
-        for prefix, module in model.modules_to_save().items():
-            layout = precision_layout(precision) if prefix in LAID_OUT else torch.contiguous_format
-            state = _module_state(path, prefix, module, header, handle, data_start, dtypes[prefix], layout)
-            module.load_state_dict(state, strict=True, assign=True)
-            del state
+    for prefix, module in model.modules_to_save().items():
+        _load_submodule(path, prefix, module, _check_entries(path, prefix, module, header), precision)
     _restore_unsaved_buffers(model)
     return model.to(device).eval().set_precision(precision)
+
+
+# What each phase of a translation runs (sampler.translate names the phases).
+PHASE_NETWORKS = {
+    "encode": ("first_stage", "correspondence"),  # the exemplar's latent and features
+    "condition": ("correspondence",),  # the condition's features
+    "loop": ("unet", "correspondence"),  # interleaved steps and re-warps
+    "refine": ("unet",),
+    "refine-separate": (),  # a refiner of its own (the pretrained UNet)
+    "decode": ("first_stage",),
+}
+
+
+class StagedWeights:
+    """A MIDM whose networks are in memory only while a phase of the translation runs them.
+
+    Built from the model file with every weight checked and none read; `enter(phase)` reads the
+    networks the phase needs (PHASE_NETWORKS) and releases the others, whose weights go back to the
+    meta device. At paper size the UNet (1.0 GB in float32, 0.5 GB in bfloat16) is then absent
+    while the first stage encodes and decodes at full image size, and the first stage while the
+    UNet runs. Every entry is read as `midm_from_file` reads it: the same values in every phase.
+    """
+
+    def __init__(
+        self, path: str | Path, config: ModelConfig, device: torch.device | str, precision: str
+    ) -> None:
+        self.path = Path(path)
+        header = _read_header(self.path)
+        with torch.device("meta"):
+            self.model = MIDM(config)
+        self.networks = self.model.modules_to_save()
+        self.entries = {
+            prefix: _check_entries(self.path, prefix, module, header)
+            for prefix, module in self.networks.items()
+        }
+        self.device, self.precision = torch.device(device), precision
+        self.model.precision = precision
+        self.model.alphas_cumprod = NoiseSchedule(config.diffusion).alphas_cumprod.to(self.device)
+        self.model.eval()
+        self.resident: set[str] = set()
+        self.reads = 0  # networks read from the file so far
+
+    def enter(self, phase: str) -> None:
+        needed = PHASE_NETWORKS[phase]
+        for prefix in self.resident - set(needed):  # released first: the peak is one phase's networks
+            self.networks[prefix].to("meta")
+            self.resident.discard(prefix)
+        for prefix in needed:
+            if prefix not in self.resident:
+                network = self.networks[prefix]
+                _load_submodule(self.path, prefix, network, self.entries[prefix], self.precision)
+                network.to(self.device)
+                self.model.lay_out(prefix)  # as set_precision lays out a whole model (1x1 kernels' strides)
+                self.resident.add(prefix)
+                self.reads += 1
+
+    __call__ = enter

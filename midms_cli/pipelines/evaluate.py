@@ -204,6 +204,7 @@ def evaluate_model(
     `notes` are printed at the top of the report; `model`: the file's model, already loaded.
 
     results: {"seeds": [...], "methods": {method: {metric: mean}}, "sd": {method: {metric: sd}},
+    "same_as_model": [ablations not rerun, since they leave the model's sampler as it is],
     "per_seed": [{"seed": s, "methods": {...}}, ...]}; without baselines the only method is "model".
     Under torchrun (a process group joined) the batches are shared among the processes and the main
     process writes and returns what one process would; the others return results None.
@@ -269,6 +270,8 @@ def evaluate_model(
         "seeds": seed_list,
         "methods": means,
         "sd": spreads if seeds > 1 else {},
+        # Ablations given the model's numbers: they take nothing out of its sampler.
+        "same_as_model": sorted(evaluation.same_as_model),
         "per_seed": [{"seed": s, "methods": run} for s, run in zip(seed_list, per_seed, strict=True)],
     }
 

@@ -213,8 +213,8 @@ def read_condition(
     kind = _model_condition_kind(model)
     if extract:
         photo = load_photo(path, size, fit, notice)
-        extractor = get_extractor(kind, next(model.parameters()).device)  # canny, openpose, ade20k
-        condition = extractor(photo.unsqueeze(0).to(next(model.parameters()).device))[0].cpu()
+        extractor = get_extractor(kind, model.device)  # canny, openpose, ade20k
+        condition = extractor(photo.unsqueeze(0).to(model.device))[0].cpu()
     else:
         condition = load_condition_file(path, kind, size, fit, notice)
     expected = model.config.correspondence.cond_channels
@@ -249,8 +249,8 @@ def read_exemplar(
             f"the exemplar's own {kind!r} condition cannot be computed from the photo {path}; "
             "pass it with --ref-cond FILE"
         )
-    extractor = get_extractor(kind, next(model.parameters()).device)
-    condition = extractor(image.unsqueeze(0).to(next(model.parameters()).device))[0].cpu()
+    extractor = get_extractor(kind, model.device)
+    condition = extractor(image.unsqueeze(0).to(model.device))[0].cpu()
     return image, condition
 
 

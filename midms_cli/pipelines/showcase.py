@@ -130,6 +130,7 @@ def run_showcase(options: ShowcaseOptions) -> dict[str, Any]:
         "report": str(out / "eval" / "report.html"),
         "methods": evaluation["results"]["methods"],
         "sd": evaluation["results"]["sd"],
+        "same_as_model": evaluation["results"].get("same_as_model", []),
         "numbers": headline_numbers(evaluation["results"]),
     }
     write_text(out / SHOWCASE_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")

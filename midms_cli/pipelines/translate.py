@@ -35,7 +35,7 @@ from midms_cli.errors import ConfigError, MidmsError
 from midms_cli.extractors import get_extractor
 from midms_cli.images import save_png
 from midms_cli.models.midm import MIDM, ExemplarFeatures
-from midms_cli.models.model_file import midm_from_file
+from midms_cli.models.model_file import StagedWeights, midm_from_file
 from midms_cli.pipelines.inputs import (  # noqa: F401  (Pair and the readers are this module's API too)
     CONDITION_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -90,6 +90,19 @@ def resolve_model_file(path: str | os.PathLike | None) -> Path:
     return path
 
 
+def model_file_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig a model file holds; a file of another kind or an invalid config is a
+    MidmsError naming the file."""
+    path = Path(path)
+    metadata = read_metadata(path, expected_kind=MODEL_KIND)
+    if "config" not in metadata:
+        raise MidmsError(f"{path} has no model config in its metadata; it is not a midms model file")
+    try:
+        return ModelConfig.from_dict(metadata["config"])
+    except ConfigError as exc:
+        raise MidmsError(f"{path} holds an invalid model config: {exc}") from None
+
+
 def load_midm(path: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "fp32") -> MIDM:
     """Rebuild a MIDM from a model file alone, in eval mode on `device`, networks at `precision`
     ("fp32" or "bf16", MIDM.set_precision).
@@ -97,16 +110,16 @@ def load_midm(path: str | os.PathLike, device: torch.device | str = "cpu", preci
     A file of another kind, a config that does not validate, or weights that do not fit the
     config is a MidmsError naming the file.
     """
-    path = Path(path)
-    metadata = read_metadata(path, expected_kind=MODEL_KIND)
-    if "config" not in metadata:
-        raise MidmsError(f"{path} has no model config in its metadata; it is not a midms model file")
-    try:
-        config = ModelConfig.from_dict(metadata["config"])
-    except ConfigError as exc:
-        raise MidmsError(f"{path} holds an invalid model config: {exc}") from None
     # One copy of the weights, read straight into parameters of the compute dtype.
-    return midm_from_file(path, config, device, precision)
+    return midm_from_file(path, model_file_config(path), device, precision)
+
+
+def load_staged(
+    path: str | os.PathLike, device: torch.device | str = "cpu", precision: str = "fp32"
+) -> StagedWeights:
+    """As `load_midm`, with each network read only while a phase of the translation runs it
+    (`TranslateOptions.phases = staged.enter`); every entry is checked now."""
+    return StagedWeights(path, model_file_config(path), device, precision)
 
 
 def _architecture(config: UNetConfig) -> dict[str, Any]:
@@ -192,6 +205,7 @@ class TranslateOptions:
     noise_order: str = "midms"  # "official": the official forward's random stream from `seed`
     fit: str = "crop"  # how non-square inputs become square (inputs.FITS)
     save_condition: Path | None = None  # where to write the condition of a single pair, as used
+    phases: Callable[[str], None] | None = None  # told each phase of a translation (sampler.translate)
     notice: Notice | None = None  # receives notes and warnings (the CLI prints them on stderr)
 
 
@@ -246,7 +260,7 @@ def translate_pairs(
     size = check_size(model, options.size, notice)
     check_save_condition(model, options.save_condition, pairs)
     check_pairs(model, pairs, size, options.extract, options.fit)
-    device = next(model.parameters()).device
+    device = model.device
     if options.extract:  # missing estimator weights fail here, before any work
         get_extractor(model.config.condition, device)
     results, cached_key, cached = [], None, None
@@ -259,6 +273,8 @@ def translate_pairs(
             image, exemplar_condition = read_exemplar(
                 model, pair.exemplar, size, pair.exemplar_condition, options.fit, notice
             )
+            if options.phases:
+                options.phases("encode")
             with torch.no_grad():
                 cached = model.encode_exemplar(image[None].to(device), exemplar_condition[None].to(device))
             cached_key = key
@@ -273,6 +289,8 @@ def translate_pairs(
             save_condition(condition, options.save_condition)
             record["saved_condition"] = str(options.save_condition)
         if options.save_steps:
+            if options.phases:
+                options.phases("decode")
             strip = step_strip(model, result.initial_warp, result.loop)
             strip = labelled_strip(strip, row_titles(result.loop))
             with atomic_path(steps_path(pair.output)) as tmp:
@@ -301,4 +319,5 @@ def _translate_one(
         pretrained_unet=options.pretrained_unet,
         capture=options.save_steps,
         noise=OfficialNoiseOrder(options.seed) if options.noise_order == "official" else None,
+        phases=options.phases,
     )

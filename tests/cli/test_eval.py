@@ -123,3 +123,18 @@ def test_folders_with_inception_weights_give_fid_kid_and_reuse_the_cache(tmp_pat
     code, out, err = _run(argv, capsys)
     assert code == 0, err
     assert json.loads(out)["results"] == first["results"]  # computed again from the cached real features
+
+
+def test_the_terminal_table_marks_ablations_that_equal_the_model():
+    from rich.console import Console
+
+    from midms_cli.cli.eval import _table
+
+    results = {"methods": {"model": {"oracle_output_psnr": 20.0}, "no_rewarp": {"oracle_output_psnr": 20.0},
+                           "initial_warp": {"oracle_output_psnr": 19.5}},
+               "sd": {"model": {"oracle_output_psnr": 0.1}}, "same_as_model": ["no_rewarp"]}  # fmt: skip
+    console = Console(width=160, record=True)
+    console.print(_table(results))
+    text = console.export_text()
+    assert "no_rewarp (= model: nothing to take out)" in text and "20.0000 ± 0.100" in text
+    assert "initial_warp (=" not in text and "model (=" not in text

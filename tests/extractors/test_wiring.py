@@ -95,11 +95,11 @@ def test_lsun_extract_segments_photos_without_label_maps(tmp_path, monkeypatch):
 
 
 class ModelStandIn(nn.Module):
-    """The two attributes `read_condition` reads from a MIDM, plus a parameter for its device."""
+    """The attributes `read_condition` reads from a MIDM: its config and its device."""
 
     def __init__(self, kind: str, channels: int):
         super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(()))
+        self.device = torch.device("cpu")
         self.config = SimpleNamespace(condition=kind, correspondence=SimpleNamespace(cond_channels=channels))
 
 

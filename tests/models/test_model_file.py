@@ -91,3 +91,63 @@ def test_channels_last_precisions_are_laid_out_while_reading(saved, monkeypatch)
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     for name, tensor in loaded.named_parameters():
         assert torch.equal(tensor, dict(model.named_parameters())[name]), name
+
+
+def _inputs(config):
+    generator = torch.Generator().manual_seed(3)
+    channels, size = config.correspondence.cond_channels, config.image_size
+    cond = (torch.rand(1, channels, size, size, generator=generator) > 0.9).float()
+    ref = torch.rand(1, 3, size, size, generator=generator) * 2 - 1
+    ref_cond = (torch.rand(1, channels, size, size, generator=generator) > 0.9).float()
+    return cond, ref, ref_cond
+
+
+@pytest.mark.parametrize(("refine", "precision"), [("none", "fp32"), ("finetuned", "fp32"), ("none", "bf16")])
+def test_staged_weights_translate_as_the_whole_model_with_one_network_at_a_time(saved, refine, precision):
+    import dataclasses
+
+    from midms_cli.models.model_file import PHASE_NETWORKS, StagedWeights
+    from midms_cli.sampler import translate
+
+    root, model = saved
+    path = root / "fp32.safetensors"
+    whole = midm_from_file(path, model.config, precision=precision)
+    staged = StagedWeights(path, model.config, "cpu", precision)
+    assert staged.resident == set() and all(p.is_meta for p in staged.model.parameters())
+    sampling = dataclasses.replace(model.config.sampling, refine=refine)
+    seen = []
+
+    def enter(phase):
+        staged.enter(phase)
+        seen.append((phase, set(staged.resident)))
+        for prefix, network in staged.networks.items():  # the others hold no storage
+            assert all(p.is_meta != (prefix in PHASE_NETWORKS[phase]) for p in network.parameters()), prefix
+
+    cond, ref, ref_cond = _inputs(model.config)
+    expected = translate(
+        whole, cond, ref, ref_cond, sampling=sampling, generator=torch.Generator().manual_seed(1)
+    )
+    got = translate(staged.model, cond, ref, ref_cond, sampling=sampling,
+                    generator=torch.Generator().manual_seed(1), phases=enter)
+    assert torch.equal(got.image, expected.image) and torch.equal(got.latent, expected.latent)
+    phases = ["encode", "condition", "loop"] + (["refine"] if refine == "finetuned" else []) + ["decode"]
+    assert [phase for phase, _ in seen] == phases
+    assert seen[-1][1] == {"first_stage"} and staged.model.device == torch.device("cpu")
+    staged.enter("loop")  # every weight as the whole model holds it: values, dtype and strides
+    resident = {name: t for name, t in staged.model.named_parameters() if not t.is_meta}
+    assert any(name.startswith("unet.") for name in resident)
+    for name, tensor in whole.named_parameters():
+        if name in resident:
+            got = resident[name]
+            assert got.dtype == tensor.dtype and got.stride() == tensor.stride(), name
+            assert torch.equal(got, tensor), name
+
+
+def test_staged_weights_check_every_entry_before_reading_any(saved, tmp_path):
+    from midms_cli.models.model_file import StagedWeights
+
+    root, model = saved
+    other = preset("tiny")
+    other.correspondence.channels *= 2
+    with pytest.raises(MidmsError, match="does not match the 'correspondence' model built from this config"):
+        StagedWeights(root / "fp32.safetensors", other, "cpu", "fp32")

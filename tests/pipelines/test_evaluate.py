@@ -322,8 +322,10 @@ def test_ablations_that_take_nothing_out_of_the_sampler_are_labelled_and_equal_t
     model = load_midm(setup / "model.safetensors")
     model.config.sampling.rewarp_positions = ()
     save_midm(ours / "model.safetensors", model)
-    results = _run(ours, tmp_path / "out", baselines=True, metrics=["oracle"])["results"]["methods"]
+    evaluation = _run(ours, tmp_path / "out", baselines=True, metrics=["oracle"])["results"]
+    results = evaluation["methods"]
     assert results["no_mask"] == results["model"] == results["no_rewarp"]
+    assert evaluation["same_as_model"] == ["no_mask", "no_rewarp"]
     labels = json.loads((tmp_path / "out" / "protocol.json").read_text())["methods"]
     assert labels["no_mask"].endswith(SAME_AS_MODEL) and labels["no_rewarp"].endswith(SAME_AS_MODEL)
     assert not labels["model"].endswith(SAME_AS_MODEL)
