@@ -8,6 +8,8 @@ dtype it will compute in (the UNet in bfloat16 for precision "bf16", everything 
 whatever the file stores) and memory layout, and the tensors become the parameters
 (`load_state_dict(assign=True)`).
 The arithmetic is unchanged: the same values reach the same parameters as with `load_modules`.
+`StagedWeights` goes further for `midms translate --low-memory`: each network is read only while a
+step of the translation runs it.
 """
 
 from __future__ import annotations
