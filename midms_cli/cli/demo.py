@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from midms_cli.atomic import check_output_dir
+from midms_cli.cli.eval import SAME_NOTE, method_label
 from midms_cli.cli.state import STATE, emit, err_console, progress_bar
 from midms_cli.errors import MidmsError
 from midms_cli.pipelines.demo import PROFILES, DemoOptions, run_demo
@@ -45,10 +46,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def _method_name(name: str, same_as_model) -> str:
-    return f"{name} (= model: nothing to take out)" if name in same_as_model else name
-
-
 def methods_table(summary: dict[str, Any]) -> Table:
     """A row per method (model, ablations, baselines), the headline metrics as columns."""
     methods, spreads = summary["methods"], summary.get("sd") or {}
@@ -58,7 +55,7 @@ def methods_table(summary: dict[str, Any]) -> Table:
               "swd_oracle": "SWD vs oracles (down)"}  # fmt: skip
     table = Table(title=f"midms demo: {Path(summary['model']).name} on {summary['pairs']} new pairs",
                   title_justify="left")  # fmt: skip
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for key in keys:
         table.add_column(titles[key], justify="right")
     for name, row in methods.items():
@@ -68,8 +65,10 @@ def methods_table(summary: dict[str, Any]) -> Table:
             cells.append(
                 "-" if key not in row else f"{row[key]:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
             )
-        table.add_row(_method_name(name, summary.get("same_as_model", ())), *cells)
+        table.add_row(method_label(name, summary.get("same_as_model", ())), *cells)
     table.caption = f"grid: {summary['grid']}   report: {summary['report']}   ({summary['seconds']:.0f} s)"
+    if summary.get("same_as_model"):
+        table.caption += f"\n{SAME_NOTE}"
     table.caption_justify = "left"
     return table
 

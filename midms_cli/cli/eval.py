@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from midms_cli.atomic import check_output_dir, check_output_files
 from midms_cli.cli.state import STATE, emit, err_console, progress_bar
@@ -41,6 +41,15 @@ HEADLINE_KEYS = ("oracle_output_psnr", "oracle_output_l1", "part_colour_error", 
                  "lpips_diversity")
 
 
+SAME_MARK = " (= model)"
+SAME_NOTE = "(= model): an ablation that takes nothing out of this model's sampler, so it scores as the model"
+
+
+def method_label(name: str, same_as_model) -> str:
+    """A method's row label; ablations given the model's numbers are marked."""
+    return name + SAME_MARK if name in same_as_model else name
+
+
 def _table(results: dict[str, Any]) -> Table:
     """Model evaluation: a row per method, a column per headline metric (mean ± sd over seeds).
     Folder mode: one row per number."""
@@ -51,14 +60,15 @@ def _table(results: dict[str, Any]) -> Table:
         return table
     methods, spreads = results["methods"], results.get("sd", {})
     keys = [k for k in HEADLINE_KEYS if any(k in row for row in methods.values())]
-    table = Table("method", *keys)
+    table = Table(Column("method", no_wrap=True), *keys)
     for name, row in methods.items():
         cells = []
         for key in keys:
             value, sd = row.get(key), spreads.get(name, {}).get(key)
             cells.append("-" if value is None else _format(value) + ("" if sd is None else f" ± {sd:.3f}"))
-        same = name in results.get("same_as_model", ())
-        table.add_row(f"{name} (= model: nothing to take out)" if same else name, *cells)
+        table.add_row(method_label(name, results.get("same_as_model", ())), *cells)
+    if results.get("same_as_model"):
+        table.caption, table.caption_justify = SAME_NOTE, "left"
     return table
 
 

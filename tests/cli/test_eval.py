@@ -136,5 +136,5 @@ def test_the_terminal_table_marks_ablations_that_equal_the_model():
     console = Console(width=160, record=True)
     console.print(_table(results))
     text = console.export_text()
-    assert "no_rewarp (= model: nothing to take out)" in text and "20.0000 ± 0.100" in text
-    assert "initial_warp (=" not in text and "model (=" not in text
+    assert "no_rewarp (= model)" in text and "20.0000 ± 0.100" in text
+    assert "initial_warp (=" not in text and "│ model (=" not in text and "(= model): an ablation" in text
